@@ -1,0 +1,237 @@
+"""Configuration: every setting is a keyword argument with a 1:1 environment alias.
+
+:func:`parse` is pure: it takes a mapping shaped like ``os.environ`` plus
+keyword overrides and returns a frozen :class:`Settings`, or raises
+:class:`~wsgi_pgconn.errors.ConfigurationError` naming the variable, the value
+and what is accepted. :func:`config` is ``parse(os.environ, ...)``.
+
+>>> parse({"WSGI_PGCONN_SCOPE": "pool", "WSGI_PGCONN_POOL_SIZE": "8"}).pool_size
+8
+>>> parse({}, max_age=300).max_age
+300.0
+
+All settings are read through the one table :data:`SETTINGS`; an empty
+environment variable counts as unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import psycopg2.extensions
+
+from .errors import ConfigurationError
+
+__all__ = ["ENV_PREFIX", "SETTINGS", "Settings", "config", "parse", "settings_environ"]
+
+ENV_PREFIX = "WSGI_PGCONN_"
+
+SCOPES = ("thread", "process", "pool")
+RESETS = ("rollback", "discard")
+CHECKS = ("socket", "query")
+ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
+
+_DURATION = re.compile(r"\d+(?:\.\d+)?\s*(?:us|ms|s|min|h|d)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one middleware (see README, "Configuration")."""
+
+    dsn: str = dataclasses.field(default="", repr=False)
+    scope: str = "thread"
+    pool_size: int = 4
+    pool_timeout: float = 5.0
+    max_age: float | None = None
+    max_idle: float | None = None
+    isolation_level: str | None = None
+    statement_timeout: str | None = None
+    idle_in_transaction_timeout: str | None = None
+    connect_timeout: int = 5
+    reset: str = "rollback"
+    check: str = "socket"
+    exempt_paths: tuple[str, ...] = ()
+
+    @property
+    def masked_dsn(self) -> str:
+        """The connection string with any password replaced by ``********``."""
+        return mask_dsn(self.dsn)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return f"Settings(dsn={self.masked_dsn!r}, {fields})"
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` as a key=value string with the password masked (never raises)."""
+    if not dsn:
+        return ""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<unparsable connection string>"
+    if "password" in params:
+        params["password"] = "********"  # noqa: S105 - the mask itself
+    masked: str = psycopg2.extensions.make_dsn(**params)
+    return masked
+
+
+# -- value parsers: (label, raw) -> value; label names the variable in errors --
+
+
+def _bad(label: str, raw: object, accepted: str) -> ConfigurationError:
+    return ConfigurationError(f"{label}={raw!r} is not valid: {accepted}")
+
+
+def _dsn(label: str, raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ConfigurationError(f"{label} must be a string, not {type(raw).__name__}")
+    if raw.strip():
+        try:
+            psycopg2.extensions.parse_dsn(raw)
+        except psycopg2.ProgrammingError:
+            # libpq's message may quote part of the string, password included.
+            raise ConfigurationError(
+                f"{label} is not a valid postgresql:// URL or libpq key=value connection "
+                "string (the value is not shown because it may contain a password)"
+            ) from None
+    return raw.strip()
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, object], str]:
+    def parse_choice(label: str, raw: object) -> str:
+        value = " ".join(str(raw).lower().replace("_", " ").split())
+        if value not in options:
+            raise _bad(label, raw, "expected one of " + ", ".join(repr(o) for o in options))
+        return value
+
+    return parse_choice
+
+
+def _optional_choice(options: tuple[str, ...]) -> Callable[[str, object], str | None]:
+    parse_choice = _choice(options)
+
+    def parse_optional(label: str, raw: object) -> str | None:
+        if raw is None or str(raw).strip().lower() in ("default", "none"):
+            return None
+        return parse_choice(label, raw)
+
+    return parse_optional
+
+
+def _seconds(*, optional: bool) -> Callable[[str, object], Any]:
+    accepted = "expected a number of seconds greater than 0"
+    if optional:
+        accepted += " (or 'none' for no limit)"
+
+    def parse_seconds(label: str, raw: object) -> float | None:
+        if optional and (raw is None or str(raw).strip().lower() in ("none", "off")):
+            return None
+        if isinstance(raw, bool):
+            raise _bad(label, raw, accepted)
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise _bad(label, raw, accepted) from None
+        if not (0 < value < float("inf")):
+            raise _bad(label, raw, accepted)
+        return value
+
+    return parse_seconds
+
+
+def _positive_int(label: str, raw: object) -> int:
+    accepted = "expected a whole number greater than 0"
+    if isinstance(raw, bool):
+        raise _bad(label, raw, accepted)
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
+    except ValueError:
+        raise _bad(label, raw, accepted) from None
+    if value < 1:
+        raise _bad(label, raw, accepted)
+    return value
+
+
+def _duration(label: str, raw: object) -> str | None:
+    """A PostgreSQL duration: plain milliseconds, or a number with us/ms/s/min/h/d."""
+    if raw is None:
+        return None
+    value = str(raw).strip()
+    if value.lower() in ("none", "off"):
+        return None
+    if isinstance(raw, bool) or not _DURATION.fullmatch(value):
+        raise _bad(
+            label, raw, "expected milliseconds (e.g. 5000) or a duration such as '5s' or '2min'"
+        )
+    return value.replace(" ", "")
+
+
+def _paths(label: str, raw: object) -> tuple[str, ...]:
+    items: Iterable[object] = raw.split(",") if isinstance(raw, str) else raw  # type: ignore[assignment]
+    try:
+        paths = tuple(str(p).strip() for p in items)
+    except TypeError:
+        raise _bad(
+            label, raw, "expected comma-separated path prefixes such as '/health,/static/'"
+        ) from None
+    paths = tuple(p for p in paths if p)
+    for path in paths:
+        if not path.startswith("/"):
+            raise _bad(label, raw, "each path prefix must start with '/'")
+    return paths
+
+
+#: field name -> (environment variable, parser). The only place settings are listed.
+SETTINGS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
+    "dsn": ("DATABASE_URL", _dsn),
+    "scope": (ENV_PREFIX + "SCOPE", _choice(SCOPES)),
+    "pool_size": (ENV_PREFIX + "POOL_SIZE", _positive_int),
+    "pool_timeout": (ENV_PREFIX + "POOL_TIMEOUT", _seconds(optional=False)),
+    "max_age": (ENV_PREFIX + "MAX_AGE", _seconds(optional=True)),
+    "max_idle": (ENV_PREFIX + "MAX_IDLE", _seconds(optional=True)),
+    "isolation_level": (ENV_PREFIX + "ISOLATION_LEVEL", _optional_choice(ISOLATION_LEVELS)),
+    "statement_timeout": (ENV_PREFIX + "STATEMENT_TIMEOUT", _duration),
+    "idle_in_transaction_timeout": (ENV_PREFIX + "IDLE_IN_TRANSACTION_TIMEOUT", _duration),
+    "connect_timeout": (ENV_PREFIX + "CONNECT_TIMEOUT", _positive_int),
+    "reset": (ENV_PREFIX + "RESET", _choice(RESETS)),
+    "check": (ENV_PREFIX + "CHECK", _choice(CHECKS)),
+    "exempt_paths": (ENV_PREFIX + "EXEMPT_PATHS", _paths),
+}
+
+
+def settings_environ(environ: Mapping[str, object]) -> dict[str, str]:
+    """The entries of ``environ`` that configure wsgi_pgconn (non-empty strings only)."""
+    names = {var for var, _ in SETTINGS.values()}
+    return {
+        key: value
+        for key, value in environ.items()
+        if key in names and isinstance(value, str) and value.strip()
+    }
+
+
+def parse(environ: Mapping[str, object], **overrides: object) -> Settings:
+    """Build :class:`Settings` from ``environ``; a non-None override wins over its variable."""
+    unknown = set(overrides) - set(SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown wsgi_pgconn setting(s): {', '.join(sorted(unknown))}")
+    env = settings_environ(environ)
+    values: dict[str, Any] = {}
+    for name, (var, parser) in SETTINGS.items():
+        override = overrides.get(name)
+        if override is not None:
+            values[name] = parser(f"{name} (keyword argument, alias of {var})", override)
+        elif var in env:
+            values[name] = parser(var, env[var])
+    return Settings(**values)
+
+
+def config(**overrides: object) -> Settings:
+    """:func:`parse` applied to ``os.environ``."""
+    return parse(os.environ, **overrides)
