@@ -33,6 +33,7 @@ ENV_PREFIX = "WSGI_PGCONN_"
 SCOPES = ("thread", "process", "pool")
 RESETS = ("rollback", "discard")
 CHECKS = ("socket", "query")
+POOLERS = ("none", "session", "transaction")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
 
 _DURATION = re.compile(r"\d+(?:\.\d+)?\s*(?:us|ms|s|min|h|d)?")
@@ -55,6 +56,17 @@ class Settings:
     reset: str = "rollback"
     check: str = "socket"
     exempt_paths: tuple[str, ...] = ()
+    pooler: str = "none"
+    retries: int = 0
+    retry_max_body: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.pooler == "transaction" and self.reset == "discard":
+            raise ConfigurationError(
+                "WSGI_PGCONN_RESET=discard cannot work behind a transaction pooler "
+                "(WSGI_PGCONN_POOLER=transaction): the server connection changes between "
+                "transactions, so DISCARD ALL would reset somebody else's session"
+            )
 
     @property
     def masked_dsn(self) -> str:
@@ -146,17 +158,23 @@ def _seconds(*, optional: bool) -> Callable[[str, object], Any]:
     return parse_seconds
 
 
-def _positive_int(label: str, raw: object) -> int:
-    accepted = "expected a whole number greater than 0"
-    if isinstance(raw, bool):
-        raise _bad(label, raw, accepted)
-    try:
-        value = int(str(raw).strip()) if not isinstance(raw, int) else raw
-    except ValueError:
-        raise _bad(label, raw, accepted) from None
-    if value < 1:
-        raise _bad(label, raw, accepted)
-    return value
+def _integer(minimum: int) -> Callable[[str, object], int]:
+    accepted = "expected a whole number greater than 0" if minimum == 1 else (
+        f"expected a whole number, {minimum} or more"
+    )
+
+    def parse_integer(label: str, raw: object) -> int:
+        if isinstance(raw, bool):
+            raise _bad(label, raw, accepted)
+        try:
+            value = raw if isinstance(raw, int) else int(str(raw).strip())
+        except ValueError:
+            raise _bad(label, raw, accepted) from None
+        if value < minimum:
+            raise _bad(label, raw, accepted)
+        return value
+
+    return parse_integer
 
 
 def _duration(label: str, raw: object) -> str | None:
@@ -192,17 +210,20 @@ def _paths(label: str, raw: object) -> tuple[str, ...]:
 SETTINGS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "dsn": ("DATABASE_URL", _dsn),
     "scope": (ENV_PREFIX + "SCOPE", _choice(SCOPES)),
-    "pool_size": (ENV_PREFIX + "POOL_SIZE", _positive_int),
+    "pool_size": (ENV_PREFIX + "POOL_SIZE", _integer(1)),
     "pool_timeout": (ENV_PREFIX + "POOL_TIMEOUT", _seconds(optional=False)),
     "max_age": (ENV_PREFIX + "MAX_AGE", _seconds(optional=True)),
     "max_idle": (ENV_PREFIX + "MAX_IDLE", _seconds(optional=True)),
     "isolation_level": (ENV_PREFIX + "ISOLATION_LEVEL", _optional_choice(ISOLATION_LEVELS)),
     "statement_timeout": (ENV_PREFIX + "STATEMENT_TIMEOUT", _duration),
     "idle_in_transaction_timeout": (ENV_PREFIX + "IDLE_IN_TRANSACTION_TIMEOUT", _duration),
-    "connect_timeout": (ENV_PREFIX + "CONNECT_TIMEOUT", _positive_int),
+    "connect_timeout": (ENV_PREFIX + "CONNECT_TIMEOUT", _integer(1)),
     "reset": (ENV_PREFIX + "RESET", _choice(RESETS)),
     "check": (ENV_PREFIX + "CHECK", _choice(CHECKS)),
     "exempt_paths": (ENV_PREFIX + "EXEMPT_PATHS", _paths),
+    "pooler": (ENV_PREFIX + "POOLER", _choice(POOLERS)),
+    "retries": (ENV_PREFIX + "RETRIES", _integer(0)),
+    "retry_max_body": (ENV_PREFIX + "RETRY_MAX_BODY", _integer(0)),
 }
 
 

@@ -18,9 +18,17 @@ import psycopg2.extensions as ext
 from .config import Settings
 from .errors import TransactionManaged
 
-__all__ = ["ManagedConnection", "connect_params", "open_connection", "ping"]
+__all__ = [
+    "ManagedConnection",
+    "TrackingCursor",
+    "connect_params",
+    "open_connection",
+    "ping",
+    "transaction_prelude",
+]
 
 _base = ext.connection
+_IDLE = ext.TRANSACTION_STATUS_IDLE
 
 #: libpq parameters added when neither the DSN nor libpq's environment sets them.
 #: Keepalives make a vanished server noticeable on an idle connection within
@@ -40,6 +48,33 @@ _ISOLATION = {
 }
 
 
+def _record(conn: Any, exc: psycopg2.Error) -> None:
+    conn._wsgi_pgconn_error = exc.pgcode or type(exc).__name__
+
+
+class TrackingCursor(ext.cursor):
+    """The default cursor class: remembers the SQLSTATE of the last failed statement.
+
+    The application (or its framework) may catch a database error and answer
+    500 itself; the middleware still learns that it was, say, a serialization
+    failure (retry) or a write on a read-only server (fail over).
+    """
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        try:
+            ext.cursor.execute(self, query, vars)
+        except psycopg2.Error as exc:
+            _record(self.connection, exc)
+            raise
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        try:
+            ext.cursor.executemany(self, query, vars_list)
+        except psycopg2.Error as exc:
+            _record(self.connection, exc)
+            raise
+
+
 class ManagedConnection(ext.connection):
     """A psycopg2 connection whose transaction belongs to the middleware during a request.
 
@@ -50,6 +85,17 @@ class ManagedConnection(ext.connection):
     """
 
     _wsgi_pgconn_managed = False
+    #: SQLSTATE (or error class name) of the last statement that failed in this request.
+    _wsgi_pgconn_error: str | None = None
+    #: SQL run before the first statement of each transaction (behind a transaction pooler).
+    _wsgi_pgconn_prelude: str | None = None
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        prelude = self._wsgi_pgconn_prelude
+        if prelude is not None and self.get_transaction_status() == _IDLE and not self.closed:
+            with _base.cursor(self, cursor_factory=ext.cursor) as cur:
+                cur.execute(prelude)
+        return _base.cursor(self, *args, **kwargs)
 
     def _refuse(self, what: str) -> NoReturn:
         raise TransactionManaged(
@@ -110,17 +156,32 @@ def connect_params(settings: Settings, environ: os._Environ[str] | dict[str, str
     for key, value in KEEPALIVE_DEFAULTS.items():
         if key not in given:
             extra[key] = value
-    server = []
-    if settings.statement_timeout is not None:
-        server.append(f"-c statement_timeout={settings.statement_timeout}")
-    if settings.idle_in_transaction_timeout is not None:
-        server.append(
-            f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout}"
-        )
-    if server:
+    server = [f"-c {name}={value}" for name, value in _server_settings(settings)]
+    if server and settings.pooler != "transaction":
         existing = given.get("options", environ.get("PGOPTIONS", ""))
         extra["options"] = " ".join([existing, *server]).strip()
     return ext.make_dsn(settings.dsn, **extra)
+
+
+def _server_settings(settings: Settings) -> list[tuple[str, str]]:
+    pairs = [
+        ("statement_timeout", settings.statement_timeout),
+        ("idle_in_transaction_session_timeout", settings.idle_in_transaction_timeout),
+    ]
+    return [(name, value) for name, value in pairs if value is not None]
+
+
+def transaction_prelude(settings: Settings) -> str | None:
+    """Behind a transaction pooler, the server settings as one transaction-local statement.
+
+    PgBouncer in transaction mode refuses them as startup ``options``; this
+    costs one round trip per transaction that runs a query.
+    """
+    pairs = _server_settings(settings)
+    if settings.pooler != "transaction" or not pairs:
+        return None
+    calls = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in pairs)
+    return f"SELECT {calls}"
 
 
 def open_connection(
@@ -130,6 +191,8 @@ def open_connection(
 ) -> ManagedConnection:
     """Open and set up one connection; it is returned idle (no transaction open)."""
     conn = psycopg2.connect(dsn, connection_factory=ManagedConnection)
+    conn.cursor_factory = TrackingCursor
+    conn._wsgi_pgconn_prelude = transaction_prelude(settings)
     try:
         setup(conn, settings, configure)
     except BaseException:

@@ -22,9 +22,12 @@ iterated is committed when the server closes the response.
 from __future__ import annotations
 
 import contextvars
+import io
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +67,10 @@ _IDLE = ext.TRANSACTION_STATUS_IDLE
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 _commit = ext.connection.commit
+#: SQLSTATEs after which a request may be run again (serialization failure, deadlock).
+RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+#: SQLSTATE of a write on a read-only server.
+READ_ONLY = "25006"
 _rollback = ext.connection.rollback
 
 CommitVeto = Callable[[dict[str, Any], str, list[tuple[str, str]]], bool]
@@ -144,6 +151,7 @@ class RequestTransaction:
         "exc_info",
         "failed",
         "headers",
+        "outcome",
         "server_write",
         "started",
         "status",
@@ -163,6 +171,8 @@ class RequestTransaction:
         self.failed = False
         self.started = False
         self.used = False
+        #: "commit" or "rollback" once the request's transaction has ended that way.
+        self.outcome: str | None = None
         self.buffer: list[bytes] = []
         self.server_write: Callable[[bytes], object] | None = None
         self._after_commit: list[Callable[[], object]] = []
@@ -233,6 +243,7 @@ class RequestTransaction:
                 self._rollback_after_failure()
                 return exc
             self._mw._count("commits")
+            self.outcome = "commit"
             self._after_rollback.clear()
             self._run(self._after_commit, "on_commit")
             return None
@@ -258,6 +269,7 @@ class RequestTransaction:
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                 )
         self._mw._count("rollbacks")
+        self.outcome = "rollback"
         self._after_commit.clear()
         self._run(self._after_rollback, "on_rollback")
 
@@ -269,22 +281,34 @@ class RequestTransaction:
             except Exception:
                 logger.exception("%s callback %r failed", kind, callback)
 
+    def detach(self) -> PooledConnection | None:
+        """Leave the request context; the connection stays checked out (for a retry)."""
+        rec, self._rec = self._rec, None
+        self.environ = {}  # no cycle through environ[TRANSACTION_KEY]
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                _current.reset(token)
+            except ValueError:  # closed from another context
+                _current.set(None)
+        return rec
+
     def release(self) -> None:
         """Give the connection back to its registry (once)."""
-        rec, self._rec = self._rec, None
+        rec = self.detach()
         if rec is None:
             return
-        self.environ = {}  # no cycle through environ[TRANSACTION_KEY]
-        try:
-            if self._token is not None:
-                try:
-                    _current.reset(self._token)
-                except ValueError:  # closed from another context
-                    _current.set(None)
-                self._token = None
-        finally:
-            rec.conn._wsgi_pgconn_managed = False
-            self._mw.registry.checkin(rec, used=self.used)
+        conn = rec.conn
+        conn._wsgi_pgconn_managed = False
+        registry = self._mw.registry
+        if conn._wsgi_pgconn_error == READ_ONLY:
+            # A read-only server where a writable one was: a failover happened.
+            logger.warning(
+                "backend pid %s is read-only (failover?): replacing this process's connections",
+                rec.backend_pid,
+            )
+            registry.retire_all()
+        registry.checkin(rec, used=self.used)
 
     def __del__(self) -> None:
         if self._rec is not None:
@@ -513,53 +537,46 @@ class PgConnMiddleware:
             rec = registry.checkout()
         except PoolTimeout as exc:
             logger.warning("answering 503: %s", exc)
-            return _simple_response(
-                start_response,
-                "503 Service Unavailable",
-                "Service Unavailable: all database connections are busy; try again shortly.\n",
-                [("Retry-After", "1")],
-            )
-        except psycopg2.OperationalError:
-            # registry logged why
-            return _simple_response(
-                start_response,
-                "503 Service Unavailable",
-                "Service Unavailable: the database cannot be reached; try again shortly.\n",
-                [("Retry-After", "1")],
-            )
+            return _unavailable(start_response, "all database connections are busy")
+        except psycopg2.OperationalError:  # the registry logged why
+            return _unavailable(start_response, "the database cannot be reached")
+        rec.conn._wsgi_pgconn_managed = True
+        replay = _Replay(environ, self.settings.retry_max_body) if self.settings.retries else None
+        attempt = 0
+        while True:
+            env = environ if replay is None else replay.environ()
+            may_retry = replay is not None and replay.body is not None
+            may_retry = may_retry and attempt < self.settings.retries
+            response = self._attempt(rec, env, start_response, may_retry)
+            if response is not _RETRY:
+                return response
+            attempt += 1
+            self._count("retries")
+            delay = random.uniform(0, min(0.5, 0.005 * 2**attempt))  # noqa: S311
+            logger.info("serialization failure or deadlock: retry %s in %.3fs", attempt, delay)
+            time.sleep(delay)
+
+    def _attempt(
+        self,
+        rec: PooledConnection,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        may_retry: bool,
+    ) -> Iterable[bytes]:
+        """Run the application once on ``rec``; the response, or _RETRY."""
         conn = rec.conn
-        conn._wsgi_pgconn_managed = True
+        conn._wsgi_pgconn_error = None
         txn = RequestTransaction(self, rec, environ)
         environ[CONNECTION_KEY] = conn
         environ[TRANSACTION_KEY] = txn
         txn._token = _current.set(txn)
+        result: Iterable[bytes] | None = None
+        first: list[bytes] = []
+        iterator: Iterator[bytes] | None = None
         try:
             if self.on_begin is not None:
                 self.on_begin(conn, environ)
             result = self.app(environ, txn.start_response)
-        except BaseException:
-            self._abort(txn)
-            raise
-        return self._respond(txn, result, start_response)
-
-    def _abort(self, txn: RequestTransaction, result: Iterable[bytes] | None = None) -> None:
-        """The request failed before its response started: close, roll back, release."""
-        try:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            try:
-                txn.finish(completed=False)
-            finally:
-                txn.release()
-
-    def _respond(
-        self, txn: RequestTransaction, result: Iterable[bytes], start_response: StartResponse
-    ) -> Iterable[bytes]:
-        first: list[bytes] = []
-        iterator: Iterator[bytes] | None = None
-        try:
             if txn.status is None:
                 # start_response comes with the body: pull chunks until it is called.
                 iterator = iter(result)
@@ -571,19 +588,22 @@ class PgConnMiddleware:
                             "the WSGI application returned without calling start_response"
                         ) from None
             error = txn.finish(completed=True)
-        except BaseException:
-            self._abort(txn, result)
+        except BaseException as exc:
+            code = getattr(exc, "pgcode", None) or _cause_sqlstate(exc)
+            if code is not None and not conn.closed:
+                conn._wsgi_pgconn_error = code
+            retry = may_retry and code in RETRY_SQLSTATES and isinstance(exc, Exception)
+            self._abort(txn, result, retry=retry)
+            if retry:
+                return _RETRY
             raise
+        if may_retry and txn.outcome == "rollback" and conn._wsgi_pgconn_error in RETRY_SQLSTATES:
+            # Failed, possibly answered 500 by the framework, nothing committed or sent.
+            self._abort(txn, result, retry=True)
+            return _RETRY
         if error is not None:
-            logger.error(
-                "COMMIT failed, answering 500 instead of %r: %s", txn.status, error
-            )
-            try:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            finally:
-                txn.release()
+            logger.error("COMMIT failed, answering 500 instead of %r: %s", txn.status, error)
+            self._abort(txn, result)
             return _simple_response(
                 start_response,
                 "500 Internal Server Error",
@@ -605,3 +625,74 @@ class PgConnMiddleware:
             txn.release()
             return body
         return _Body(txn, result, iterator, first)
+
+    def _abort(
+        self, txn: RequestTransaction, result: Iterable[bytes] | None, *, retry: bool = False
+    ) -> None:
+        """Before the response started: close the app's iterable, roll back, release.
+
+        With ``retry`` the connection stays checked out for the next attempt.
+        """
+        try:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            try:
+                txn.finish(completed=False)
+            finally:
+                if retry:
+                    txn.detach()
+                else:
+                    txn.release()
+
+
+class _Replay:
+    """The request body, buffered so the application can be run again (``retries``)."""
+
+    __slots__ = ("body", "original")
+
+    def __init__(self, environ: WSGIEnvironment, limit: int) -> None:
+        self.original = dict(environ)
+        self.body: bytes | None = None
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked or length > limit:
+            logger.debug("request body not replayable (%s bytes): no retries", length)
+            return
+        self.body = environ["wsgi.input"].read(length) if length > 0 else b""
+
+    def environ(self) -> WSGIEnvironment:
+        """A fresh copy of the request's environ with the body rewound."""
+        env = dict(self.original)
+        if self.body is not None:
+            env["wsgi.input"] = io.BytesIO(self.body)
+        return env
+
+
+_RETRY: list[bytes] = []
+
+
+def _cause_sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error wrapped by a framework (Django's ``__cause__``)."""
+    seen = 0
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and seen < 5:
+        code = getattr(cause, "pgcode", None)
+        if isinstance(code, str):
+            return code
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return None
+
+
+def _unavailable(start_response: StartResponse, why: str) -> list[bytes]:
+    return _simple_response(
+        start_response,
+        "503 Service Unavailable",
+        f"Service Unavailable: {why}; try again shortly.\n",
+        [("Retry-After", "1")],
+    )

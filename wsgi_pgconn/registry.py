@@ -22,6 +22,9 @@ failing test discards it (the reason is counted and logged):
     past ``max_age`` (minus up to 10% jitter) or idle longer than ``max_idle``.
 ``broken``
     left in a transaction or an unknown state.
+``retired``
+    opened before a request found the server read-only (SQLSTATE 25006, a
+    failover): every such connection is replaced, not just re-checked.
 
 A connection that breaks during a request makes the others suspect: the
 registry's generation moves on, and a connection opened in an earlier
@@ -58,7 +61,7 @@ _IDLE = ext.TRANSACTION_STATUS_IDLE
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 
-DISCARD_REASONS = ("dead", "too_old", "idle_too_long", "forked", "broken")
+DISCARD_REASONS = ("dead", "too_old", "idle_too_long", "forked", "broken", "retired")
 
 # Bumped in a forked child. A connection remembers the epoch (and pid) it was
 # opened in; one from an earlier epoch belongs to the parent.
@@ -115,6 +118,7 @@ class Stats:
                 "rollbacks",
                 "vetoes",
                 "commit_errors",
+                "retries",
                 "pool_waits",
                 "pool_wait_seconds",
                 "pool_timeouts",
@@ -147,6 +151,7 @@ class Registry:
         self._configure = configure
         self._dsn = _connection.connect_params(settings, os.environ)
         self._generation = 0
+        self._retire_below = 0
         self._idle_check = settings.check == "socket"
         self.stats_counter = Stats()
         self._init_state()
@@ -197,6 +202,11 @@ class Registry:
         """A connection broke: re-check every connection opened before now."""
         self._generation += 1
 
+    def retire_all(self) -> None:
+        """The server turned read-only (failover): replace every connection opened before now."""
+        self._generation += 1
+        self._retire_below = self._generation
+
     def _open(self) -> PooledConnection:
         try:
             conn = _connection.open_connection(self._dsn, self.settings, self._configure)
@@ -213,6 +223,8 @@ class Registry:
         """Why ``rec`` must not serve a request, or None. No round trip unless suspect."""
         if rec.epoch != _fork_epoch:
             return "forked"
+        if rec.generation < self._retire_below:
+            return "retired"
         conn = rec.conn
         if conn.closed:
             return "dead"
@@ -246,6 +258,8 @@ class Registry:
         if conn.closed:
             self.suspect_all()
             return "broken"
+        if rec.generation < self._retire_below:
+            return "retired"
         _base = ext.connection
         try:
             status = conn.get_transaction_status()
