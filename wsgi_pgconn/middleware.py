@@ -620,10 +620,10 @@ class PgConnMiddleware:
             raise
         if type(result) in (list, tuple) and iterator is None:
             # The body is complete: nothing more can touch the database.
-            body = [*txn.buffer, *result]
-            txn.buffer.clear()
             txn.release()
-            return body
+            if txn.buffer:
+                return [*txn.buffer, *result]
+            return result
         return _Body(txn, result, iterator, first)
 
     def _abort(

@@ -86,6 +86,7 @@ class PooledConnection:
         "opened_at",
         "pid",
         "poller",
+        "uses",
     )
 
     def __init__(self, conn: ManagedConnection, generation: int, max_age: float | None) -> None:
@@ -99,6 +100,7 @@ class PooledConnection:
         # Up to 10% earlier, so a process's connections don't all reconnect at once.
         self.expires_at = None if max_age is None else now + max_age * (1 - 0.1 * random.random())  # noqa: S311
         self.in_use = False
+        self.uses = 0  # checkouts after the first, counted by whoever holds it
         self.backend_pid: int = conn.info.backend_pid
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
@@ -112,7 +114,7 @@ class Stats:
         self.counts: dict[str, float] = dict.fromkeys(
             (
                 "opened",
-                "reused",
+                "reused",  # by connections no longer held; live ones add their own
                 "connect_errors",
                 "commits",
                 "rollbacks",
@@ -131,9 +133,12 @@ class Stats:
         with self._lock:
             self.counts[key] += amount
 
-    def discard(self, reason: str) -> None:
+    def discard(self, reason: str | None, uses: int) -> None:
+        """A connection left the registry (``reason`` None: closed at thread end or exit)."""
         with self._lock:
-            self.discarded[reason] += 1
+            if reason is not None:
+                self.discarded[reason] += 1
+            self.counts["reused"] += uses
 
 
 class Registry:
@@ -189,6 +194,7 @@ class Registry:
         with counter._lock:
             result: dict[str, Any] = dict(counter.counts)
             result["discarded"] = dict(counter.discarded)
+        result["reused"] += sum(rec.uses for rec in records)
         in_use = sum(1 for rec in records if rec.in_use)
         result.update(
             scope=self.scope,
@@ -247,7 +253,7 @@ class Registry:
         return None
 
     def _discard(self, rec: PooledConnection, reason: str) -> None:
-        self.stats_counter.discard(reason)
+        self.stats_counter.discard(reason, rec.uses)
         level = logging.DEBUG if reason in ("too_old", "idle_too_long") else logging.WARNING
         logger.log(level, "discarding connection to backend pid %s: %s", rec.backend_pid, reason)
         _close_quietly(rec)
@@ -263,7 +269,9 @@ class Registry:
         _base = ext.connection
         try:
             status = conn.get_transaction_status()
-            if status in (_INTRANS, _INERROR):
+            if status == _IDLE:
+                pass
+            elif status in (_INTRANS, _INERROR):
                 logger.warning(
                     "rolling back a transaction left open on backend pid %s", rec.backend_pid
                 )
@@ -298,6 +306,7 @@ class Registry:
         records = self._records()
         self._forget()
         for rec in records:
+            self.stats_counter.discard(None, rec.uses)
             _close_quietly(rec)
 
 
@@ -326,7 +335,7 @@ class ThreadRegistry(Registry):
             reason = self._unusable(rec)
             if reason is None:
                 rec.in_use = True
-                self.stats_counter.incr("reused")
+                rec.uses += 1
                 return rec
             slot.rec = None
             with self._lock:
@@ -361,6 +370,7 @@ class ThreadRegistry(Registry):
                 return
             self._all.discard(rec)
         logger.debug("thread ended: closing connection to backend pid %s", rec.backend_pid)
+        self.stats_counter.discard(None, rec.uses)
         _close_quietly(rec)
 
     def _records(self) -> list[PooledConnection]:
@@ -415,7 +425,7 @@ class ProcessRegistry(Registry):
                 reason = self._unusable(rec)
                 if reason is None:
                     rec.in_use = True
-                    self.stats_counter.incr("reused")
+                    rec.uses += 1
                     return rec
                 self._rec = None
                 self._discard(rec, reason)
@@ -497,7 +507,7 @@ class PoolRegistry(Registry):
         if not fresh:
             reason = self._unusable(rec)
             if reason is None:
-                self.stats_counter.incr("reused")
+                rec.uses += 1
                 return rec
             self._discard(rec, reason)
             with self._cond:
