@@ -221,7 +221,8 @@ def ping(conn: ManagedConnection) -> None:
     """One round trip outside any transaction; raises psycopg2.Error if the server is gone."""
     _base.autocommit.__set__(conn, True)  # type: ignore[attr-defined]
     try:
-        with conn.cursor() as cur:
+        # The base class's cursor(): no transaction prelude in autocommit.
+        with _base.cursor(conn, cursor_factory=ext.cursor) as cur:
             cur.execute("SELECT 1")
     finally:
         if not conn.closed:

@@ -283,7 +283,7 @@ class Registry:
             if used and self.settings.reset == "discard":
                 _base.autocommit.__set__(conn, True)  # type: ignore[attr-defined]
                 try:
-                    with conn.cursor() as cur:
+                    with _base.cursor(conn, cursor_factory=ext.cursor) as cur:
                         cur.execute("DISCARD ALL")
                 finally:
                     if not conn.closed:
