@@ -28,6 +28,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,9 @@ _rollback = ext.connection.rollback
 
 CommitVeto = Callable[[dict[str, Any], str, list[tuple[str, str]]], bool]
 
-_current: contextvars.ContextVar[RequestTransaction | None] = contextvars.ContextVar(
+# Weak: a response the server never closes must stay collectable, so that
+# RequestTransaction.__del__ can roll it back and release its connection.
+_current: contextvars.ContextVar[weakref.ref[RequestTransaction] | None] = contextvars.ContextVar(
     "wsgi_pgconn_transaction", default=None
 )
 
@@ -99,7 +102,8 @@ def get_connection(environ: WSGIEnvironment) -> ManagedConnection:
 
 def current_transaction() -> RequestTransaction | None:
     """The transaction of the request running in this context, or None outside requests."""
-    return _current.get()
+    ref = _current.get()
+    return None if ref is None else ref()
 
 
 def default_commit_veto(
@@ -140,6 +144,7 @@ class RequestTransaction:
     """
 
     __slots__ = (
+        "__weakref__",
         "_after_commit",
         "_after_rollback",
         "_mw",
@@ -177,7 +182,7 @@ class RequestTransaction:
         self.server_write: Callable[[bytes], object] | None = None
         self._after_commit: list[Callable[[], object]] = []
         self._after_rollback: list[Callable[[], object]] = []
-        self._token: contextvars.Token[RequestTransaction | None] | None = None
+        self._token: contextvars.Token[weakref.ref[RequestTransaction] | None] | None = None
 
     def on_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` after the request's work is committed (not if it rolls back)."""
@@ -295,6 +300,15 @@ class RequestTransaction:
 
     def release(self) -> None:
         """Give the connection back to its registry (once)."""
+        if self._rec is not None and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s -> %s: %s on backend pid %s",
+                self.environ.get("REQUEST_METHOD"),
+                self.environ.get("PATH_INFO"),
+                self.status,
+                self.outcome or "no transaction",
+                self._rec.backend_pid,
+            )
         rec = self.detach()
         if rec is None:
             return
@@ -569,7 +583,7 @@ class PgConnMiddleware:
         txn = RequestTransaction(self, rec, environ)
         environ[CONNECTION_KEY] = conn
         environ[TRANSACTION_KEY] = txn
-        txn._token = _current.set(txn)
+        txn._token = _current.set(weakref.ref(txn))
         result: Iterable[bytes] | None = None
         first: list[bytes] = []
         iterator: Iterator[bytes] | None = None

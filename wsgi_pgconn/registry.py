@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -325,6 +326,10 @@ class ThreadRegistry(Registry):
         if slot is None:
             slot = self._local.slot = _ThreadSlot(self)
         rec = slot.rec
+        if rec is not None and rec.in_use:
+            # An earlier response on this thread was never closed; collecting it
+            # rolls it back and releases the connection (RequestTransaction.__del__).
+            gc.collect()
         if rec is not None:
             if rec.in_use:
                 raise RuntimeError(
@@ -560,15 +565,21 @@ REGISTRIES: dict[str, type[Registry]] = {
 def _drain(rec: PooledConnection) -> bool:
     """Read what arrived on an idle connection; True if it is still alive.
 
-    A NOTIFY for a LISTEN left by an earlier request is harmless; a
-    terminated backend sends a FATAL notice and closes, leaving the socket
-    readable at end of file after the notice is read.
+    A NOTIFY for a LISTEN left by an earlier request is harmless. A terminated
+    backend sends an error (FATAL, which libpq files as a notice on an idle
+    connection) and then closes; the close may not have arrived yet, so any
+    new notice means dead.
     """
+    conn = rec.conn
+    notices = conn.notices
+    count, last = len(notices), notices[-1] if notices else None
     try:
-        rec.conn.poll()
+        conn.poll()
     except psycopg2.Error:
         return False
-    return not rec.conn.closed and not rec.poller.poll(0)
+    if len(notices) != count or (notices and notices[-1] is not last):
+        return False
+    return not conn.closed and not rec.poller.poll(0)
 
 
 def _close_quietly(rec: PooledConnection) -> None:
