@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,7 +37,9 @@ CHECKS = ("socket", "query")
 POOLERS = ("none", "session", "transaction")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
 
-_DURATION = re.compile(r"\d+(?:\.\d+)?\s*(?:us|ms|s|min|h|d)?")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?) *(us|ms|s|min|h|d)?", re.ASCII)
+_DURATION_MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_INT_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +91,9 @@ def mask_dsn(dsn: str) -> str:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
         return "<unparsable connection string>"
-    if "password" in params:
-        params["password"] = "********"  # noqa: S105 - the mask itself
+    for secret in ("password", "sslpassword"):
+        if secret in params:
+            params[secret] = "********"
     masked: str = psycopg2.extensions.make_dsn(**params)
     return masked
 
@@ -107,12 +111,16 @@ def _dsn(label: str, raw: object) -> str:
     if raw.strip():
         try:
             psycopg2.extensions.parse_dsn(raw)
+            valid = True
         except psycopg2.ProgrammingError:
-            # libpq's message may quote part of the string, password included.
+            valid = False
+        if not valid:
+            # Raised outside the except block: libpq's message may quote part of the
+            # string, password included, and must not ride along as __context__.
             raise ConfigurationError(
                 f"{label} is not a valid postgresql:// URL or libpq key=value connection "
                 "string (the value is not shown because it may contain a password)"
-            ) from None
+            )
     return raw.strip()
 
 
@@ -137,8 +145,10 @@ def _optional_choice(options: tuple[str, ...]) -> Callable[[str, object], str | 
     return parse_optional
 
 
-def _seconds(*, optional: bool) -> Callable[[str, object], Any]:
+def _seconds(*, optional: bool, maximum: float = float("inf")) -> Callable[[str, object], Any]:
     accepted = "expected a number of seconds greater than 0"
+    if maximum < float("inf"):
+        accepted += f" and at most {maximum:g}"
     if optional:
         accepted += " (or 'none' for no limit)"
 
@@ -151,17 +161,19 @@ def _seconds(*, optional: bool) -> Callable[[str, object], Any]:
             value = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise _bad(label, raw, accepted) from None
-        if not (0 < value < float("inf")):
+        if not (0 < value < float("inf")) or value > maximum:
             raise _bad(label, raw, accepted)
         return value
 
     return parse_seconds
 
 
-def _integer(minimum: int) -> Callable[[str, object], int]:
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, object], int]:
     accepted = "expected a whole number greater than 0" if minimum == 1 else (
         f"expected a whole number, {minimum} or more"
     )
+    if maximum is not None:
+        accepted += f" and at most {maximum}"
 
     def parse_integer(label: str, raw: object) -> int:
         if isinstance(raw, bool):
@@ -170,7 +182,7 @@ def _integer(minimum: int) -> Callable[[str, object], int]:
             value = raw if isinstance(raw, int) else int(str(raw).strip())
         except ValueError:
             raise _bad(label, raw, accepted) from None
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise _bad(label, raw, accepted)
         return value
 
@@ -184,10 +196,13 @@ def _duration(label: str, raw: object) -> str | None:
     value = str(raw).strip()
     if value.lower() in ("none", "off"):
         return None
-    if isinstance(raw, bool) or not _DURATION.fullmatch(value):
+    match = None if isinstance(raw, bool) else _DURATION.fullmatch(value)
+    if match is None:
         raise _bad(
             label, raw, "expected milliseconds (e.g. 5000) or a duration such as '5s' or '2min'"
         )
+    if float(match.group(1)) * _DURATION_MS[match.group(2) or "ms"] > _INT_MAX:
+        raise _bad(label, raw, f"the server accepts at most {_INT_MAX} ms (about 24.8 days)")
     return value.replace(" ", "")
 
 
@@ -211,13 +226,15 @@ SETTINGS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "dsn": ("DATABASE_URL", _dsn),
     "scope": (ENV_PREFIX + "SCOPE", _choice(SCOPES)),
     "pool_size": (ENV_PREFIX + "POOL_SIZE", _integer(1)),
-    "pool_timeout": (ENV_PREFIX + "POOL_TIMEOUT", _seconds(optional=False)),
+    "pool_timeout": (
+        ENV_PREFIX + "POOL_TIMEOUT", _seconds(optional=False, maximum=threading.TIMEOUT_MAX)
+    ),
     "max_age": (ENV_PREFIX + "MAX_AGE", _seconds(optional=True)),
     "max_idle": (ENV_PREFIX + "MAX_IDLE", _seconds(optional=True)),
     "isolation_level": (ENV_PREFIX + "ISOLATION_LEVEL", _optional_choice(ISOLATION_LEVELS)),
     "statement_timeout": (ENV_PREFIX + "STATEMENT_TIMEOUT", _duration),
     "idle_in_transaction_timeout": (ENV_PREFIX + "IDLE_IN_TRANSACTION_TIMEOUT", _duration),
-    "connect_timeout": (ENV_PREFIX + "CONNECT_TIMEOUT", _integer(1)),
+    "connect_timeout": (ENV_PREFIX + "CONNECT_TIMEOUT", _integer(1, _INT_MAX)),
     "reset": (ENV_PREFIX + "RESET", _choice(RESETS)),
     "check": (ENV_PREFIX + "CHECK", _choice(CHECKS)),
     "exempt_paths": (ENV_PREFIX + "EXEMPT_PATHS", _paths),

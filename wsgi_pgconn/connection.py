@@ -66,6 +66,7 @@ class TrackingCursor(ext.cursor):
         except psycopg2.Error as exc:
             _record(self.connection, exc)
             raise
+        resync(self.connection)
 
     def executemany(self, query: Any, vars_list: Any) -> None:
         try:
@@ -73,6 +74,30 @@ class TrackingCursor(ext.cursor):
         except psycopg2.Error as exc:
             _record(self.connection, exc)
             raise
+
+
+def _guarded_method(name: str) -> Any:
+    base = getattr(_base, name)
+
+    def method(self: ManagedConnection, *args: Any, **kwargs: Any) -> Any:
+        if self._wsgi_pgconn_managed:
+            self._refuse(f"{name}()")
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = base.__doc__
+    return method
+
+
+def _guarded_attribute(name: str) -> Any:
+    base = getattr(_base, name)
+
+    def set_value(self: ManagedConnection, value: Any) -> None:
+        if self._wsgi_pgconn_managed:
+            self._refuse(f"setting {name}")
+        base.__set__(self, value)
+
+    return property(base.__get__, set_value, doc=base.__doc__)
 
 
 class ManagedConnection(ext.connection):
@@ -90,13 +115,6 @@ class ManagedConnection(ext.connection):
     #: SQL run before the first statement of each transaction (behind a transaction pooler).
     _wsgi_pgconn_prelude: str | None = None
 
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        prelude = self._wsgi_pgconn_prelude
-        if prelude is not None and self.get_transaction_status() == _IDLE and not self.closed:
-            with _base.cursor(self, cursor_factory=ext.cursor) as cur:
-                cur.execute(prelude)
-        return _base.cursor(self, *args, **kwargs)
-
     def _refuse(self, what: str) -> NoReturn:
         raise TransactionManaged(
             f"{what} is not allowed on a connection managed by wsgi_pgconn: the request's "
@@ -104,40 +122,43 @@ class ManagedConnection(ext.connection):
             "fails. Use a savepoint to undo part of the work, or a connection of your own."
         )
 
-    def commit(self) -> None:
-        if self._wsgi_pgconn_managed:
-            self._refuse("commit()")
-        _base.commit(self)
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        prelude = self._wsgi_pgconn_prelude
+        if prelude is not None and self.get_transaction_status() == _IDLE and not self.closed:
+            with _base.cursor(self, cursor_factory=ext.cursor) as cur:
+                cur.execute(prelude)
+        return _base.cursor(self, *args, **kwargs)
 
-    def rollback(self) -> None:
-        if self._wsgi_pgconn_managed:
-            self._refuse("rollback()")
-        _base.rollback(self)
+    # Ending or reconfiguring the transaction: refused while a request holds it.
+    commit = _guarded_method("commit")
+    rollback = _guarded_method("rollback")
+    close = _guarded_method("close")
+    reset = _guarded_method("reset")
+    set_session = _guarded_method("set_session")
+    set_isolation_level = _guarded_method("set_isolation_level")
+    set_client_encoding = _guarded_method("set_client_encoding")
+    tpc_begin = _guarded_method("tpc_begin")
+    autocommit = _guarded_attribute("autocommit")
+    isolation_level = _guarded_attribute("isolation_level")
+    readonly = _guarded_attribute("readonly")
+    deferrable = _guarded_attribute("deferrable")
 
-    def close(self) -> None:
-        if self._wsgi_pgconn_managed:
-            self._refuse("close()")
-        _base.close(self)
 
-    def set_session(self, *args: Any, **kwargs: Any) -> None:
-        if self._wsgi_pgconn_managed:
-            self._refuse("set_session()")
-        _base.set_session(self, *args, **kwargs)
+def resync(conn: Any) -> bool:
+    """Realign psycopg2 with the server after a COMMIT or ROLLBACK sent as SQL.
 
-    def tpc_begin(self, xid: Any) -> None:
-        if self._wsgi_pgconn_managed:
-            self._refuse("tpc_begin()")
-        _base.tpc_begin(self, xid)
-
-    @property
-    def autocommit(self) -> bool:
-        return bool(_base.autocommit.__get__(self))  # type: ignore[attr-defined]
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
-        if self._wsgi_pgconn_managed:
-            self._refuse("setting autocommit")
-        _base.autocommit.__set__(self, value)  # type: ignore[attr-defined]
+    psycopg2 tracks the transaction itself (``conn.status``) and sends BEGIN
+    only when it believes none is open. A statement that ended the transaction
+    on the server leaves it believing one is, so the following statements would
+    run in autocommit, beyond any rollback. Costs nothing when they agree; else
+    one ROLLBACK (a no-op on the server). Returns True if it had to resync.
+    """
+    if conn.closed or conn.status == ext.STATUS_READY or conn.autocommit:
+        return False
+    if conn.get_transaction_status() != _IDLE:
+        return False
+    _base.rollback(conn)
+    return True
 
 
 def connect_params(settings: Settings, environ: os._Environ[str] | dict[str, str]) -> str:

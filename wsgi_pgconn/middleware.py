@@ -36,6 +36,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import config as _config
+from . import connection as _connection
 from .connection import ManagedConnection
 from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout
 from .registry import REGISTRIES, PooledConnection, Registry
@@ -236,7 +237,15 @@ class RequestTransaction:
         """
         conn = self.connection
         status = conn.get_transaction_status()
+        if conn.closed and self.outcome == "rollback":
+            return None  # a lost connection, already ended once
         if status == _IDLE:
+            if _connection.resync(conn):  # the app ended its transaction with SQL
+                self.used = True
+                logger.warning(
+                    "the application ended its transaction with SQL COMMIT/ROLLBACK on "
+                    "backend pid %s; use savepoints instead", conn.info.backend_pid,
+                )
             return None
         self.used = True
         commit = completed and should_commit(self.failed, self.exc_info, self._vetoed)
@@ -253,12 +262,13 @@ class RequestTransaction:
             self._run(self._after_commit, "on_commit")
             return None
         self._rollback_after_failure()
-        if commit and status == _INERROR and self.status is not None and self.status[:1] in "123":
-            # The application caught a database error and answered success
-            # anyway: its work is lost, which the response must not hide.
+        if commit and self.status is not None and self.status[:1] in "123":
+            # The application caught a database error (or lost its connection)
+            # and answered success anyway: its work is lost; the response must say so.
+            lost = "lost its connection" if conn.closed else "caught a database error"
             return psycopg2.InternalError(
-                "the transaction had failed (the application caught a database error "
-                "and still answered " + repr(self.status) + "); it was rolled back"
+                f"the transaction had failed (the application {lost} and still answered "
+                f"{self.status!r}); it was rolled back"
             )
         return None
 

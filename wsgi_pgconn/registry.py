@@ -271,7 +271,7 @@ class Registry:
         try:
             status = conn.get_transaction_status()
             if status == _IDLE:
-                pass
+                _connection.resync(conn)  # psycopg2 may still believe a transaction is open
             elif status in (_INTRANS, _INERROR):
                 logger.warning(
                     "rolling back a transaction left open on backend pid %s", rec.backend_pid
