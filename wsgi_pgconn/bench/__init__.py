@@ -1,0 +1,20 @@
+"""The headline benchmark: ``python -m wsgi_pgconn.bench``.
+
+It serves one small page (three short queries in one transaction) through a
+real WSGI server once per *variant* -- a way of getting a PostgreSQL
+connection for the request -- drives it with ``wrk`` (or a Python load
+generator) and prints one table: requests/s, p50 and p99 latency, the
+server connections held, and ratios against connecting per request over TCP
+with password authentication and against a hand-held persistent connection
+per thread.
+
+Modules:
+
+``runner``    command line, orchestration and the table
+``variants``  the list of variants and what each one needs
+``apps``      the WSGI applications the servers import (one per variant)
+``servers``   starting mod_wsgi-express, gunicorn or werkzeug on loopback
+``load``      wrk and the fallback Python load generator
+``pgbouncer`` a throwaway PgBouncer in transaction mode
+``database``  the database under test (the throwaway cluster or DATABASE_URL)
+"""
