@@ -228,7 +228,8 @@ class Registry:
 
     def _unusable(self, rec: PooledConnection) -> str | None:
         """Why ``rec`` must not serve a request, or None. No round trip unless suspect."""
-        if rec.epoch != _fork_epoch:
+        if rec.epoch != _fork_epoch or rec.pid != os.getpid():
+            # The pid too: uWSGI forks in C without running os.register_at_fork hooks.
             return "forked"
         if rec.generation < self._retire_below:
             return "retired"
