@@ -254,6 +254,9 @@ class RequestTransaction:
                 _commit(conn)
             except psycopg2.Error as exc:
                 self._mw._count("commit_errors")
+                conn._wsgi_pgconn_error = exc.pgcode or type(exc).__name__
+                if self._mw.settings.pooler != "none":
+                    _end_failed_commit(conn)
                 self._rollback_after_failure()
                 return exc
             self._mw._count("commits")
@@ -325,7 +328,7 @@ class RequestTransaction:
         conn = rec.conn
         conn._wsgi_pgconn_managed = False
         registry = self._mw.registry
-        if conn._wsgi_pgconn_error == READ_ONLY:
+        if conn._wsgi_pgconn_error == READ_ONLY and _server_read_only(conn):
             # A read-only server where a writable one was: a failover happened.
             logger.warning(
                 "backend pid %s is read-only (failover?): replacing this process's connections",
@@ -458,6 +461,9 @@ class PgConnMiddleware:
         reset: str | None = None,
         check: str | None = None,
         exempt_paths: Iterable[str] | str | None = None,
+        pooler: str | None = None,
+        retries: int | None = None,
+        retry_max_body: int | None = None,
         commit_veto: CommitVeto | None = None,
         configure: Callable[[ManagedConnection], object] | None = None,
         on_begin: Callable[[ManagedConnection, dict[str, Any]], object] | None = None,
@@ -479,6 +485,9 @@ class PgConnMiddleware:
                 "reset": reset,
                 "check": check,
                 "exempt_paths": exempt_paths,
+                "pooler": pooler,
+                "retries": retries,
+                "retry_max_body": retry_max_body,
             }.items()
             if value is not None
         }
@@ -627,11 +636,15 @@ class PgConnMiddleware:
             return _RETRY
         if error is not None:
             logger.error("COMMIT failed, answering 500 instead of %r: %s", txn.status, error)
+            in_doubt = conn.closed and isinstance(error, psycopg2.OperationalError)
             self._abort(txn, result)
             return _simple_response(
                 start_response,
                 "500 Internal Server Error",
-                "Internal Server Error: the transaction could not be committed; "
+                "Internal Server Error: the connection was lost during COMMIT; whether the "
+                "work was saved is unknown.\n"
+                if in_doubt
+                else "Internal Server Error: the transaction could not be committed; "
                 "nothing was saved.\n",
                 [],
             )
@@ -698,6 +711,45 @@ class _Replay:
 
 
 _RETRY: list[bytes] = []
+
+
+def _server_read_only(conn: ManagedConnection) -> bool:
+    """Whether the server itself is read-only (a standby, or fenced), not just this transaction.
+
+    PostgreSQL 14+ reports both parameters to the client as they change, so
+    this costs no round trip; with an older server, assume it is.
+    """
+    if conn.closed:
+        return True
+    standby = conn.info.parameter_status("in_hot_standby")
+    fenced = conn.info.parameter_status("default_transaction_read_only")
+    if standby is None and fenced is None:
+        return True
+    return "on" in (standby, fenced)
+
+
+def _end_failed_commit(conn: ManagedConnection) -> None:
+    """Send ROLLBACK after a COMMIT that failed, although the server has already ended it.
+
+    PostgreSQL ends the transaction when COMMIT fails (a deferred constraint, a
+    serialization failure) and psycopg2 then sends nothing more; pgpool-II
+    (4.3.2 and later) keeps its own "failed transaction" flag set and answers
+    the next BEGIN itself with 25P02 "current transaction is aborted". An
+    explicit ROLLBACK clears it; PostgreSQL answers it with a harmless warning.
+    """
+    if conn.closed or conn.get_transaction_status() != _IDLE:
+        return
+    base = ext.connection
+    base.autocommit.__set__(conn, True)  # type: ignore[attr-defined]
+    try:
+        with base.cursor(conn, cursor_factory=ext.cursor) as cur:
+            cur.execute("ROLLBACK")
+    except psycopg2.Error:
+        pass  # the connection is broken: the registry finds out at checkin
+    finally:
+        if not conn.closed:
+            base.autocommit.__set__(conn, False)  # type: ignore[attr-defined]
+        del conn.notices[:]
 
 
 def _cause_sqlstate(exc: BaseException) -> str | None:
