@@ -114,6 +114,8 @@ class ManagedConnection(ext.connection):
     _wsgi_pgconn_error: str | None = None
     #: SQL run before the first statement of each transaction (behind a transaction pooler).
     _wsgi_pgconn_prelude: str | None = None
+    #: The request's on_begin hook, run when its transaction's first cursor is created.
+    _wsgi_pgconn_on_begin: Callable[[], object] | None = None
 
     def _refuse(self, what: str) -> NoReturn:
         raise TransactionManaged(
@@ -123,10 +125,16 @@ class ManagedConnection(ext.connection):
         )
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        prelude = self._wsgi_pgconn_prelude
-        if prelude is not None and self.get_transaction_status() == _IDLE and not self.closed:
-            with _base.cursor(self, cursor_factory=ext.cursor) as cur:
-                cur.execute(prelude)
+        if self.get_transaction_status() == _IDLE and not self.closed:
+            # The first cursor of a transaction: what must run at its start.
+            prelude = self._wsgi_pgconn_prelude
+            if prelude is not None:
+                with _base.cursor(self, cursor_factory=ext.cursor) as cur:
+                    cur.execute(prelude)
+            on_begin = self._wsgi_pgconn_on_begin
+            if on_begin is not None:
+                self._wsgi_pgconn_on_begin = None  # its own cursors must not re-enter
+                on_begin()
         return _base.cursor(self, *args, **kwargs)
 
     # Ending or reconfiguring the transaction: refused while a request holds it.

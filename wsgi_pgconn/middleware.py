@@ -193,6 +193,20 @@ class RequestTransaction:
         """Run ``callback`` after the request's work is rolled back."""
         self._after_rollback.append(callback)
 
+    def arm_on_begin(self) -> None:
+        """Have the middleware's ``on_begin`` run when this request next begins a transaction."""
+        on_begin = self._mw.on_begin
+        if on_begin is not None:
+            # Weakly: the connection outlives the request, which must stay collectable.
+            ref = weakref.ref(self)
+
+            def begin() -> None:
+                txn = ref()
+                if txn is not None:
+                    on_begin(txn.connection, txn.environ)
+
+            self.connection._wsgi_pgconn_on_begin = begin
+
     def set_rollback_only(self) -> None:
         """Roll back at the end of the request whatever the response says."""
         self.failed = True
@@ -246,6 +260,15 @@ class RequestTransaction:
                     "the application ended its transaction with SQL COMMIT/ROLLBACK on "
                     "backend pid %s; use savepoints instead", conn.info.backend_pid,
                 )
+            elif self._after_commit or self._after_rollback:
+                # Nothing to COMMIT, but callbacks wait for the request's outcome
+                # (Django's on_commit() in a view that ran no query).
+                if completed and should_commit(self.failed, self.exc_info, self._vetoed):
+                    self._after_rollback.clear()
+                    self._run(self._after_commit, "on_commit")
+                else:
+                    self._after_commit.clear()
+                    self._run(self._after_rollback, "on_rollback")
             return None
         self.used = True
         commit = completed and should_commit(self.failed, self.exc_info, self._vetoed)
@@ -261,6 +284,7 @@ class RequestTransaction:
                 return exc
             self._mw._count("commits")
             self.outcome = "commit"
+            self.arm_on_begin()  # a streamed body may begin another transaction
             self._after_rollback.clear()
             self._run(self._after_commit, "on_commit")
             return None
@@ -288,6 +312,7 @@ class RequestTransaction:
                 )
         self._mw._count("rollbacks")
         self.outcome = "rollback"
+        self.arm_on_begin()
         self._after_commit.clear()
         self._run(self._after_rollback, "on_rollback")
 
@@ -327,6 +352,7 @@ class RequestTransaction:
             return
         conn = rec.conn
         conn._wsgi_pgconn_managed = False
+        conn._wsgi_pgconn_on_begin = None
         registry = self._mw.registry
         if conn._wsgi_pgconn_error == READ_ONLY and _server_read_only(conn):
             # A read-only server where a writable one was: a failover happened.
@@ -440,8 +466,9 @@ class PgConnMiddleware:
 
     ``commit_veto(environ, status, headers) -> bool`` replaces the rule that
     a 5xx status rolls back. ``configure(conn)`` runs once per new connection.
-    ``on_begin(conn, environ)`` runs at the start of every request that gets a
-    connection (for ``SET LOCAL`` and ``set_config(..., true)``).
+    ``on_begin(conn, environ)`` runs at the start of each transaction of a
+    request, when its first cursor is created (for ``SET LOCAL`` and
+    ``set_config(..., true)``); a request that never queries never runs it.
     """
 
     def __init__(
@@ -607,8 +634,7 @@ class PgConnMiddleware:
         first: list[bytes] = []
         iterator: Iterator[bytes] | None = None
         try:
-            if self.on_begin is not None:
-                self.on_begin(conn, environ)
+            txn.arm_on_begin()
             result = self.app(environ, txn.start_response)
             if txn.status is None:
                 # start_response comes with the body: pull chunks until it is called.

@@ -578,6 +578,8 @@ def _drain(rec: PooledConnection) -> bool:
         conn.poll()
     except psycopg2.Error:
         return False
+    # Notifications for a LISTEN left by an earlier request have no reader.
+    del conn.notifies[:-100]
     if len(notices) != count or (notices and notices[-1] is not last):
         return False
     return not conn.closed and not rec.poller.poll(0)

@@ -1,0 +1,147 @@
+"""Per-connection setup of the middleware's connections, and the environ keys of the adapter.
+
+Django prepares each connection it opens: the session time zone, ``SET ROLE``
+for ``OPTIONS["assume_role"]``, psycopg2's jsonb loader, and the
+``connection_created`` signal. A connection opened by the middleware needs the
+same, once per physical connection, committed on its own so that a request
+that rolls back does not undo it.
+
+With :class:`~wsgi_pgconn.django.DjangoPgConnMiddleware` this runs in the
+middleware's ``configure(conn)`` hook, when the connection opens (and again
+after ``DISCARD ALL``). With a plain ``PgConnMiddleware`` it runs when the ORM
+first meets a connection inside a request: committed on its own if the
+request has not queried yet, else inside the request's transaction and
+repeated after a rollback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from typing import TYPE_CHECKING, Protocol
+
+import psycopg2.extensions as ext
+import psycopg2.extras
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.signals import connection_created
+
+if TYPE_CHECKING:
+    from ..middleware import RequestTransaction
+    from .base import DatabaseWrapper
+
+__all__ = [
+    "ALIAS_KEY",
+    "THREAD_KEY",
+    "close_middlewares",
+    "ensure_prepared",
+    "forget",
+    "prepare_connection",
+]
+
+logger = logging.getLogger("wsgi_pgconn.django")
+
+#: environ key naming the database alias whose ORM uses the request's connection
+#: (absent: ``"default"``). Set by DjangoPgConnMiddleware.
+ALIAS_KEY = "wsgi_pgconn.django.alias"
+#: environ key holding the ident of the thread that serves the request; the
+#: ORM of other threads (``sync_to_async(thread_sensitive=False)``, threads the
+#: view starts) keeps Django's own connections, as it would without wsgi_pgconn.
+THREAD_KEY = "wsgi_pgconn.django.thread"
+
+_IDLE = ext.TRANSACTION_STATUS_IDLE
+
+#: physical connections whose Django setup is in place.
+_prepared: weakref.WeakKeyDictionary[ext.connection, bool] = weakref.WeakKeyDictionary()
+
+
+class _Closable(Protocol):
+    alias: str
+
+    def close(self) -> None: ...
+
+
+#: DjangoPgConnMiddleware instances, so that Django's test runner can close
+#: their connections before it drops the test database.
+_live: weakref.WeakSet[_Closable] = weakref.WeakSet()
+
+
+def track(middleware: _Closable) -> None:
+    """Remember ``middleware`` for :func:`close_middlewares`."""
+    _live.add(middleware)
+
+
+def close_middlewares(alias: str) -> None:
+    """Close the connections of every DjangoPgConnMiddleware bound to ``alias``."""
+    for middleware in list(_live):
+        if middleware.alias == alias:
+            middleware.close()
+
+
+def _keep_text(value: str) -> str:
+    # Django's JSONField decodes jsonb itself (with its decoder); psycopg2 must not.
+    return value
+
+
+def _check_database(wrapper: DatabaseWrapper, conn: ext.connection) -> None:
+    name = wrapper.settings_dict.get("NAME")
+    expected = "postgres" if name is None else name
+    if expected and conn.info.dbname != expected:
+        raise ImproperlyConfigured(
+            f"the wsgi_pgconn middleware is connected to database {conn.info.dbname!r}, but "
+            f"DATABASES[{wrapper.alias!r}] names {expected!r} (during tests: the test "
+            "database). Build the middleware with wsgi_pgconn.django.get_wsgi_application() "
+            "(or DjangoPgConnMiddleware), which connects to the database of the settings, or "
+            "make DATABASE_URL name the same database"
+        )
+
+
+def prepare_connection(wrapper: DatabaseWrapper, conn: ext.connection) -> None:
+    """Django's per-connection setup on ``conn``; a transaction stays open if it ran SQL."""
+    _check_database(wrapper, conn)
+    psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_keep_text)
+    timezone_name = wrapper.timezone_name
+    role = wrapper.settings_dict["OPTIONS"].get("assume_role")
+    if (timezone_name and conn.info.parameter_status("TimeZone") != timezone_name) or role:
+        with conn.cursor() as cur:
+            if timezone_name and conn.info.parameter_status("TimeZone") != timezone_name:
+                cur.execute(wrapper.ops.set_time_zone_sql(), [timezone_name])
+            if role:
+                cur.execute("SET ROLE %s", [role])
+    connection_created.send(sender=type(wrapper), connection=wrapper.detached_for(conn))
+    _prepared[conn] = True
+    logger.debug("prepared backend pid %s for alias %r", conn.info.backend_pid, wrapper.alias)
+
+
+def is_prepared(wrapper: DatabaseWrapper, conn: ext.connection) -> bool:
+    """Whether ``conn`` has had its setup (and still has the time zone it set)."""
+    if conn not in _prepared:
+        return False
+    timezone_name = wrapper.timezone_name
+    return not timezone_name or conn.info.parameter_status("TimeZone") == timezone_name
+
+
+def forget(conn: ext.connection) -> None:
+    """``conn``'s session was reset (``DISCARD ALL``): prepare it again."""
+    _prepared.pop(conn, None)
+
+
+def ensure_prepared(wrapper: DatabaseWrapper, txn: RequestTransaction) -> None:
+    """Prepare the request's connection if no ``configure`` hook did (plain PgConnMiddleware).
+
+    If the request has not queried yet, the setup is committed on its own:
+    nothing of the request's work is in that transaction. Otherwise it runs
+    inside the request's transaction and, should that roll back, again at the
+    next request.
+    """
+    conn = txn.connection
+    if is_prepared(wrapper, conn):
+        return
+    idle = conn.get_transaction_status() == _IDLE
+    prepare_connection(wrapper, conn)
+    if idle:
+        if conn.get_transaction_status() != _IDLE:
+            # Only the setup statements are in this transaction.
+            ext.connection.commit(conn)
+    else:
+        txn.on_rollback(functools.partial(forget, conn))
