@@ -73,24 +73,28 @@ def served_tree() -> Iterator[str]:
 def servers_db(pg: Any) -> Iterator[str]:
     """A database of its own for the server tests, with the example's table."""
     name = "wsgi_pgconn_srv_" + uuid.uuid4().hex[:8]
+    _admin(pg, f'CREATE DATABASE "{name}"')
+    setup = psycopg2.connect(pg.dsn(tcp=False, dbname=name, application_name="servers-admin"))
+    try:
+        with setup.cursor() as cur:
+            cur.execute(
+                f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, name text NOT NULL,"
+                " created timestamptz NOT NULL DEFAULT now())"
+            )
+        setup.commit()
+    finally:
+        setup.close()
+    yield name
+    # A fresh connection: other suites restart the server during the session.
+    _admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin(pg: Any, statement: str) -> None:
     conn = psycopg2.connect(pg.dsn(tcp=False, application_name="servers-admin"))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        setup = psycopg2.connect(pg.dsn(tcp=False, dbname=name, application_name="servers-admin"))
-        try:
-            with setup.cursor() as cur:
-                cur.execute(
-                    f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, name text NOT NULL,"
-                    " created timestamptz NOT NULL DEFAULT now())"
-                )
-            setup.commit()
-        finally:
-            setup.close()
-        yield name
-        with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(statement)
     finally:
         conn.close()
 
