@@ -66,7 +66,9 @@ class TrackingCursor(ext.cursor):
         except psycopg2.Error as exc:
             _record(self.connection, exc)
             raise
-        resync(self.connection)
+        conn = self.connection
+        if conn.get_transaction_status() == _IDLE:  # only after a COMMIT sent as SQL
+            resync(conn)
 
     def executemany(self, query: Any, vars_list: Any) -> None:
         try:
@@ -74,6 +76,9 @@ class TrackingCursor(ext.cursor):
         except psycopg2.Error as exc:
             _record(self.connection, exc)
             raise
+        conn = self.connection
+        if conn.get_transaction_status() == _IDLE:
+            resync(conn)
 
 
 def _guarded_method(name: str) -> Any:
@@ -161,7 +166,7 @@ def resync(conn: Any) -> bool:
     run in autocommit, beyond any rollback. Costs nothing when they agree; else
     one ROLLBACK (a no-op on the server). Returns True if it had to resync.
     """
-    if conn.closed or conn.status == ext.STATUS_READY or conn.autocommit:
+    if conn.status == ext.STATUS_READY or conn.closed or _base.autocommit.__get__(conn):  # type: ignore[attr-defined]
         return False
     if conn.get_transaction_status() != _IDLE:
         return False

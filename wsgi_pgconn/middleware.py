@@ -634,7 +634,8 @@ class PgConnMiddleware:
         first: list[bytes] = []
         iterator: Iterator[bytes] | None = None
         try:
-            txn.arm_on_begin()
+            if self.on_begin is not None:
+                txn.arm_on_begin()
             result = self.app(environ, txn.start_response)
             if txn.status is None:
                 # start_response comes with the body: pull chunks until it is called.

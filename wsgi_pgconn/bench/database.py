@@ -103,8 +103,13 @@ class BenchDatabase:
 
 
 @contextlib.contextmanager
-def open_database(log: Callable[[str], None]) -> Iterator[BenchDatabase]:
-    """Yield a prepared :class:`BenchDatabase`; ``log`` takes progress messages."""
+def open_database(
+    log: Callable[[str], None], settings: dict[str, str] | None = None
+) -> Iterator[BenchDatabase]:
+    """Yield a prepared :class:`BenchDatabase`; ``log`` takes progress messages.
+
+    ``settings`` are extra ``postgresql.conf`` settings of the throwaway cluster.
+    """
     url = os.environ.get("DATABASE_URL")
     cluster = None
     if url:
@@ -116,7 +121,7 @@ def open_database(log: Callable[[str], None]) -> Iterator[BenchDatabase]:
         from wsgi_pgconn.tempdb import TemporaryCluster
 
         log("DATABASE_URL is unset: starting a throwaway PostgreSQL cluster")
-        cluster = TemporaryCluster().start()
+        cluster = TemporaryCluster(settings=settings).start()
         db = BenchDatabase(
             cluster.dsn(tcp=True), cluster.dsn(tcp=False), "throwaway cluster", cluster
         )

@@ -4,11 +4,14 @@
 
 ``maxage``        Django's persistent connections, ``CONN_MAX_AGE = 600``
 ``healthchecks``  the same plus ``CONN_HEALTH_CHECKS = True``
+``atomic``        ``CONN_MAX_AGE = 600`` plus ``ATOMIC_REQUESTS = True``: Django's way
+                  to run each request in one transaction, as the adapter does
 ``pgconn``        Django on the wsgi_pgconn adapter (``wsgi_pgconn.django``)
 
 Each view runs the page's three queries.  Django runs them in autocommit
-mode by default (its ``ATOMIC_REQUESTS`` is off); with the wsgi_pgconn
-adapter the middleware's request transaction applies.
+mode by default (its ``ATOMIC_REQUESTS`` is off): no BEGIN and COMMIT, two
+round trips fewer than one transaction per request.  ``atomic`` and the
+wsgi_pgconn adapter both send BEGIN, the three queries, COMMIT.
 
 Django is imported with :func:`importlib.import_module` so that this module
 type-checks without Django installed.
@@ -40,6 +43,7 @@ def database_settings(dsn: str, mode: str) -> dict[str, Any]:
         "OPTIONS": params,
         "CONN_MAX_AGE": 600,
         "CONN_HEALTH_CHECKS": mode == "healthchecks",
+        "ATOMIC_REQUESTS": mode == "atomic",
     }
     if mode == "pgconn":
         # Inside a request the adapter's ORM runs on the middleware's

@@ -76,6 +76,13 @@ VARIANTS = [
         needs=("django",),
     ),
     Variant(
+        "django-maxage-atomic",
+        "Django CONN_MAX_AGE + ATOMIC_REQUESTS",
+        module=DJANGO,
+        env={"WSGI_PGCONN_BENCH_DJANGO": "atomic"},
+        needs=("django",),
+    ),
+    Variant(
         "django-pgconn",
         "Django on the wsgi_pgconn adapter",
         module=DJANGO,

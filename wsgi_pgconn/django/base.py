@@ -28,7 +28,6 @@ import contextvars
 import importlib.util
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +49,7 @@ from django.db.backends.postgresql import base as _postgresql  # noqa: E402
 from django.db.backends.postgresql.psycopg_any import is_psycopg3  # noqa: E402
 from django.db.transaction import TransactionManagementError  # noqa: E402
 
-from ..middleware import CONNECTION_KEY, RequestTransaction, current_transaction  # noqa: E402
+from ..middleware import CONNECTION_KEY, RequestTransaction, _current  # noqa: E402
 from . import session  # noqa: E402
 from .creation import DatabaseCreation  # noqa: E402
 
@@ -71,12 +70,20 @@ _outside_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-def _no_transaction() -> None:
-    return None
+#: What ``_Field`` compares the request's weakref with before a wrapper has
+#: resolved its bookkeeping (never a value of the middleware's context variable).
+_UNRESOLVED = object()
+
+_current_get = _current.get
+_outside_get = _outside_request.get
+_get_ident = threading.get_ident
 
 
 class _State:
-    """Django's per-connection transaction bookkeeping (BaseDatabaseWrapper's attributes)."""
+    """Django's own per-connection transaction bookkeeping (BaseDatabaseWrapper's attributes).
+
+    Filled in by BaseDatabaseWrapper.__init__ and connect(), as without wsgi_pgconn.
+    """
 
     __slots__ = (
         "atomic_blocks",
@@ -96,50 +103,93 @@ class _State:
         "run_on_commit",
         "savepoint_ids",
         "savepoint_state",
-        "txn_ref",
     )
 
-    def __init__(self, txn: RequestTransaction | None = None) -> None:
+    atomic_blocks: list[Any]
+    autocommit: bool
+    close_at: float | None
+    closed_in_transaction: bool
+    commit_on_exit: bool
+    connection: Any
+    errors_occurred: bool
+    health_check_done: bool
+    health_check_enabled: bool
+    hooks_registered: bool
+    in_atomic_block: bool
+    needs_rollback: bool
+    rollback_exc: BaseException | None
+    run_commit_hooks_on_set_autocommit_on: bool
+    run_on_commit: list[tuple[set[str | None], Callable[[], Any], bool]]
+    savepoint_ids: list[str | None]
+    savepoint_state: int
+
+    #: Whether this is a request's bookkeeping (else Django's own).
+    bound = False
+    txn: RequestTransaction | None = None
+
+    def __init__(self) -> None:
+        self.hooks_registered = False
+
+
+class _RequestState:
+    """A request's bookkeeping: "inside the request's atomic block".
+
+    The values every request starts with are class attributes; an instance
+    holds only what it changes, its mutable lists, and its connection.
+    """
+
+    bound = True
+    autocommit = False
+    in_atomic_block = True
+    savepoint_state = 0
+    commit_on_exit = True
+    needs_rollback = False
+    rollback_exc: BaseException | None = None
+    close_at: float | None = None
+    closed_in_transaction = False
+    errors_occurred = False
+    health_check_enabled = False
+    health_check_done = True
+    run_commit_hooks_on_set_autocommit_on = False
+    hooks_registered = False
+
+    def __init__(
+        self, txn: RequestTransaction, ref: Callable[[], RequestTransaction | None]
+    ) -> None:
         # Weak, as the middleware's own reference: a response the server never
         # closes must stay collectable (its __del__ rolls back and releases).
-        self.txn_ref: Callable[[], RequestTransaction | None] = (
-            _no_transaction if txn is None else weakref.ref(txn)
-        )
-        self.hooks_registered = False
-        # Django's own state is filled in by BaseDatabaseWrapper.__init__ and
-        # connect(); a request's state is "inside the request's atomic block".
-        if txn is not None:
-            self.connection: Any = txn.connection
-            self.autocommit = False
-            self.in_atomic_block = True
-            self.savepoint_state = 0
-            self.savepoint_ids: list[str | None] = []
-            self.atomic_blocks: list[Any] = []
-            self.commit_on_exit = True
-            self.needs_rollback = False
-            self.rollback_exc: BaseException | None = None
-            self.close_at: float | None = None
-            self.closed_in_transaction = False
-            self.errors_occurred = False
-            self.health_check_enabled = False
-            self.health_check_done = True
-            self.run_on_commit: list[tuple[set[str | None], Callable[[], Any], bool]] = []
-            self.run_commit_hooks_on_set_autocommit_on = False
-
-    @property
-    def bound(self) -> bool:
-        """Whether this is a request's bookkeeping (else Django's own)."""
-        return self.txn_ref is not _no_transaction
+        self.txn_ref = ref
+        self.connection: Any = txn.connection
+        self.savepoint_ids: list[str | None] = []
+        # Django's "durable" check looks at the innermost atomic block: the
+        # request's transaction is one, and not a test case's.
+        self.atomic_blocks: list[Any] = [_REQUEST_BLOCK]
+        self.run_on_commit: list[tuple[set[str | None], Callable[[], Any], bool]] = []
 
     @property
     def txn(self) -> RequestTransaction | None:
         return self.txn_ref()
 
 
-class _Field:
-    """An attribute of Django's bookkeeping, read from the state in use."""
+AnyState = _State | _RequestState
 
-    name = ""
+#: The atomic block that stands for the request's transaction (never entered).
+_REQUEST_BLOCK = transaction.Atomic(DEFAULT_DB_ALIAS, False, False)
+
+
+class _Field:
+    """An attribute of Django's bookkeeping, read from the state in use.
+
+    The fast path: the middleware's context variable still holds the request
+    (weak) reference this wrapper resolved last, and no on_commit callback
+    runs: the state resolved then is the one in use. Anything else (a new
+    request, the end of one, a wrapper being built) goes to ``_resolve``.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -147,13 +197,22 @@ class _Field:
     def __get__(self, wrapper: DatabaseWrapper | None, owner: type | None = None) -> Any:
         if wrapper is None:
             return self
-        return getattr(wrapper._state(), self.name)
+        ref = _current_get()
+        if ref is wrapper._ref and not _outside_get():
+            return getattr(wrapper._in_use, self.name)
+        return getattr(wrapper._resolve(ref), self.name)
 
     def __set__(self, wrapper: DatabaseWrapper, value: Any) -> None:
-        setattr(wrapper._state(), self.name, value)
+        ref = _current_get()
+        if ref is wrapper._ref and not _outside_get():
+            setattr(wrapper._in_use, self.name, value)
+        else:
+            setattr(wrapper._resolve(ref), self.name, value)
 
 
 class _ConnectionField(_Field):
+    __slots__ = ()
+
     def __set__(self, wrapper: DatabaseWrapper, value: Any) -> None:
         state = wrapper._state()
         if state.bound and value is not state.connection:
@@ -165,6 +224,8 @@ class _ConnectionField(_Field):
 
 
 class _NeedsRollbackField(_Field):
+    __slots__ = ()
+
     def __set__(self, wrapper: DatabaseWrapper, value: Any) -> None:
         state = wrapper._state()
         state.needs_rollback = value
@@ -206,51 +267,59 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         self._own = _State()
-        self._bound: _State | None = None
-        self._declined: weakref.ref[RequestTransaction] | None = None
+        # The bookkeeping in use while the middleware's context variable holds
+        # ``_ref`` (a request's weak reference, or None outside requests).
+        self._in_use: AnyState = self._own
+        self._ref: object = _UNRESOLVED
         self._detached = True  # until constructed: Django's own state only
         super().__init__(settings_dict, alias)
         self._detached = False
 
     # -- which bookkeeping is in use ------------------------------------------
 
-    def _state(self) -> _State:
-        if self._detached or _outside_request.get():
-            return self._own
-        txn = current_transaction()
-        if txn is None:
-            if self._bound is not None or self._declined is not None:
-                self._bound = self._declined = None
-            return self._own
-        bound = self._bound
-        if bound is not None and bound.txn_ref() is txn:
-            return bound
-        if self._declined is not None and self._declined() is txn:
-            return self._own
-        return self._bind(txn)
+    def _state(self) -> AnyState:
+        ref = _current_get()
+        if ref is self._ref and not _outside_get():
+            return self._in_use
+        return self._resolve(ref)
 
-    def _bind(self, txn: RequestTransaction) -> _State:
+    def _resolve(self, ref: Any) -> AnyState:
+        """The bookkeeping for the request behind ``ref`` (None: no request); remembered."""
+        if self._detached or _outside_get():
+            return self._own
+        txn = None if ref is None else ref()
+        if txn is None:
+            self._ref, self._in_use = ref, self._own
+            return self._own
+        return self._bind(txn, ref)
+
+    def _registered(self) -> bool:
+        """Whether this wrapper is the one ``connections[alias]`` gives in this thread."""
+        storage = getattr(connections, "_connections", None)
+        if storage is not None:
+            return getattr(storage, self.alias, None) is self
+        return any(w is self for w in connections.all(initialized_only=True))
+
+    def _bind(self, txn: RequestTransaction, ref: Any) -> AnyState:
         environ = txn.environ
-        ident = threading.get_ident()
+        ident = _get_ident()
         if (
             environ.get(CONNECTION_KEY) is not txn.connection  # already released
             or environ.get(session.ALIAS_KEY, DEFAULT_DB_ALIAS) != self.alias
-            or not any(w is self for w in connections.all(initialized_only=True))
+            or not self._registered()
             or environ.setdefault(session.THREAD_KEY, ident) != ident
         ):
-            self._bound, self._declined = None, weakref.ref(txn)
+            self._ref, self._in_use = ref, self._own
             return self._own
-        state = _State(txn)
-        # Django's "durable" check looks at the innermost atomic block: the
-        # request's transaction is one, and not a test case's.
-        state.atomic_blocks.append(transaction.Atomic(self.alias, False, False))
-        self._bound, self._declined = state, None
+        state = _RequestState(txn, ref)
+        self._ref, self._in_use = ref, state
         try:
             session.ensure_prepared(self, txn)
         except BaseException:
-            self._bound = None
+            self._ref, self._in_use = _UNRESOLVED, self._own
             raise
         return state
+
 
     @property
     def in_request(self) -> bool:
@@ -314,11 +383,11 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
             txn.on_commit(lambda: self._run_request_hooks(state))
             txn.on_rollback(lambda: self._drop_request_hooks(state))
 
-    def _drop_request_hooks(self, state: _State) -> None:
+    def _drop_request_hooks(self, state: AnyState) -> None:
         state.hooks_registered = False
         state.run_on_commit = []
 
-    def _run_request_hooks(self, state: _State) -> None:
+    def _run_request_hooks(self, state: AnyState) -> None:
         """Django's on_commit callbacks of a request, after the middleware's COMMIT.
 
         They run outside the request, as Django runs them after a commit: ORM

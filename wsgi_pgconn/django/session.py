@@ -51,8 +51,21 @@ THREAD_KEY = "wsgi_pgconn.django.thread"
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
 
-#: physical connections whose Django setup is in place.
+#: Attribute of a middleware connection (a ManagedConnection) telling whether
+#: Django's setup is in place: read at every request, so cheaper than a lookup.
+_FLAG = "_wsgi_pgconn_django_prepared"
+#: The same for connections that take no attributes (a plain psycopg2 connection).
 _prepared: weakref.WeakKeyDictionary[ext.connection, bool] = weakref.WeakKeyDictionary()
+
+
+def _mark(conn: ext.connection, prepared: bool) -> None:
+    try:
+        setattr(conn, _FLAG, prepared)
+    except AttributeError:
+        if prepared:
+            _prepared[conn] = True
+        else:
+            _prepared.pop(conn, None)
 
 
 class _Closable(Protocol):
@@ -109,21 +122,22 @@ def prepare_connection(wrapper: DatabaseWrapper, conn: ext.connection) -> None:
             if role:
                 cur.execute("SET ROLE %s", [role])
     connection_created.send(sender=type(wrapper), connection=wrapper.detached_for(conn))
-    _prepared[conn] = True
+    _mark(conn, True)
     logger.debug("prepared backend pid %s for alias %r", conn.info.backend_pid, wrapper.alias)
 
 
 def is_prepared(wrapper: DatabaseWrapper, conn: ext.connection) -> bool:
     """Whether ``conn`` has had its setup (and still has the time zone it set)."""
-    if conn not in _prepared:
+    prepared = getattr(conn, _FLAG, None)
+    if not (prepared or (prepared is None and conn in _prepared)):
         return False
     timezone_name = wrapper.timezone_name
-    return not timezone_name or conn.info.parameter_status("TimeZone") == timezone_name
+    return not timezone_name or conn.get_parameter_status("TimeZone") == timezone_name
 
 
 def forget(conn: ext.connection) -> None:
     """``conn``'s session was reset (``DISCARD ALL``): prepare it again."""
-    _prepared.pop(conn, None)
+    _mark(conn, False)
 
 
 def ensure_prepared(wrapper: DatabaseWrapper, txn: RequestTransaction) -> None:

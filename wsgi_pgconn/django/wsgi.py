@@ -171,7 +171,7 @@ class DjangoPgConnMiddleware:
         return self.app(environ, start_response)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        return self.middleware(environ, start_response)
+        return (self._middleware or self.middleware)(environ, start_response)
 
     def stats(self) -> dict[str, Any]:
         """The middleware's counters (empty before the first request)."""
