@@ -601,13 +601,14 @@ class PgConnMiddleware:
         except psycopg2.OperationalError:  # the registry logged why
             return _unavailable(start_response, "the database cannot be reached")
         rec.conn._wsgi_pgconn_managed = True
-        replay = _Replay(environ, self.settings.retry_max_body) if self.settings.retries else None
+        retries = self.settings.retries
+        if not retries:
+            return self._attempt(rec, environ, start_response, False)
+        replay = _Replay(environ, self.settings.retry_max_body)
         attempt = 0
         while True:
-            env = environ if replay is None else replay.environ()
-            may_retry = replay is not None and replay.body is not None
-            may_retry = may_retry and attempt < self.settings.retries
-            response = self._attempt(rec, env, start_response, may_retry)
+            may_retry = replay.body is not None and attempt < retries
+            response = self._attempt(rec, replay.environ(), start_response, may_retry)
             if response is not _RETRY:
                 return response
             attempt += 1
