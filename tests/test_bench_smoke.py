@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_bench(
-    pg: Any, tmp_path: Path, *extra: str
+    pg: Any,
+    tmp_path: Path,
+    *extra: str,
+    variants: str = "handheld,pgconn-thread,django-pgconn",
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
@@ -35,7 +38,7 @@ def run_bench(
             "--repeat",
             "1",
             "--variants",
-            "handheld,pgconn-thread,django-pgconn",
+            variants,
             "--json",
             str(out),
             *extra,
@@ -96,3 +99,67 @@ def test_bench_default_server_and_load(pg: Any, tmp_path: Path) -> None:
         assert data["server"] == "mod_wsgi", "run bash .ci/install-servers.sh"
         assert data["load"] == "wrk", "run bash .ci/install-servers.sh"
     check(pg, proc, data)
+
+
+@pytest.mark.slow
+def test_bench_pgbouncer_over_its_unix_socket(pg: Any, tmp_path: Path) -> None:
+    """The servers' unprivileged user connects to PgBouncer's socket (trust) per request."""
+    from wsgi_pgconn.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
+
+    if pgbouncer_path() is None:
+        pytest.skip(INSTALL_HINT)
+    proc, data = run_bench(pg, tmp_path, variants="pgbouncer")
+    (row,) = data["results"]
+    assert row["failed"] is None, proc.stderr
+    assert row["skipped"] is None, row
+    assert row["errors"] == 0, proc.stderr
+    assert row["rps"] > 0, row
+    assert "unix socket" in row["label"]
+
+
+@pytest.mark.slow
+def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
+    """``python -m wsgi_pgconn.bench.cpu`` on its own throwaway cluster, a few requests."""
+    out = tmp_path / "cpu.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
+    env.pop("DATABASE_URL", None)
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsgi_pgconn.bench.cpu",
+            "--variants",
+            "django-maxage,django-pgconn",
+            "--requests",
+            "30",
+            "--batches",
+            "2",
+            "--rounds",
+            "1",
+            "--warmup",
+            "5",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    for name in ("django-maxage", "django-pgconn"):
+        assert len(data["results"][name]["cpu"]) == 2
+        assert all(us > 0 for us in data["results"][name]["cpu"])
+    trips = data["round_trips"]
+    # Django in autocommit: the three queries. The adapter: BEGIN, the three, COMMIT,
+    # and no setup statement once the connection is prepared.
+    assert trips["django-maxage"]["per_request"] == 3
+    assert trips["django-pgconn"]["per_request"] == 5
+    last = trips["django-pgconn"]["last_request"]
+    assert last[0] == "BEGIN"
+    assert last[-1] == "COMMIT"
+    assert "django-pgconn" in proc.stdout

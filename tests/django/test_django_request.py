@@ -362,6 +362,34 @@ def test_per_connection_setup_runs_once_and_survives_a_rolled_back_request(
     assert created == [pids.pop()]
 
 
+@pytest.mark.parametrize("form", ["helper", "plain"])
+def test_on_begin_applies_to_the_first_request_of_a_new_connection(
+    make_app: App, test_dsn: str, form: str
+) -> None:
+    """Django's per-connection setup (the time zone) does not use up the request's on_begin."""
+    from django.core.wsgi import get_wsgi_application
+
+    from wsgi_pgconn import PgConnMiddleware
+
+    def on_begin(conn: Any, environ: dict[str, Any]) -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT set_config('djtest.tag', %s, true)", [environ["PATH_INFO"]])
+
+    if form == "helper":
+        app = make_app(on_begin=on_begin)
+    else:
+        plain = PgConnMiddleware(get_wsgi_application(), dsn=test_dsn, on_begin=on_begin)
+        app = make_app(wsgi=plain)
+    try:
+        paths = [f"/tagged/{new_key()}" for _ in range(3)]
+        bodies = [app.get(path).json for path in paths]
+    finally:
+        if form == "plain":
+            plain.close()
+    assert len({body["pid"] for body in bodies}) == 1  # one connection, new at the first
+    assert [body["tag"] for body in bodies] == paths
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [({}, "serializable"), ({"isolation_level": "repeatable read"}, "repeatable read")],
@@ -555,3 +583,27 @@ def test_only_the_bound_alias_uses_the_request_connection(
     admins = {"default": djadmin, "other": other_admin}
     assert keys(admins[bound], key) == []  # rolled back with the request
     assert keys(admins[unbound], key) == [key]  # autocommitted, as plain Django does
+
+
+def test_a_request_served_inside_another_keeps_the_outer_bookkeeping(
+    make_app: App, djadmin: psycopg2.extensions.connection
+) -> None:
+    """A view serves a nested request (another middleware, same thread) in an atomic block.
+
+    The nested request has its own connection and transaction; afterwards the
+    outer request's savepoint is still there to be released, and both commit.
+    """
+    outer, inner = make_app(), make_app()
+    views.INNER[:] = [inner]
+    try:
+        key = new_key()
+        body = outer.get(f"/reenter/{key}").json
+    finally:
+        views.INNER.clear()
+    assert body["depth"] == 1  # the atomic block's savepoint, still known
+    assert body["in_request"] is True
+    assert body["inner"]["in_request"] is True
+    assert body["inner"]["orm_pid"] == body["inner"]["raw_pid"] != body["pid"]
+    assert keys(djadmin, key) == sorted(
+        [key + "-after", key + "-before", key + "-inner", key + "-inner-raw"]
+    )

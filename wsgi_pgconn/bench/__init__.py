@@ -13,8 +13,11 @@ Modules:
 ``runner``    command line, orchestration and the table
 ``variants``  the list of variants and what each one needs
 ``apps``      the WSGI applications the servers import (one per variant)
+``django_app`` the page as a Django project (the Django variants)
 ``servers``   starting mod_wsgi-express, gunicorn or werkzeug on loopback
 ``load``      wrk and the fallback Python load generator
-``pgbouncer`` a throwaway PgBouncer in transaction mode
+``pgbouncer`` a throwaway PgBouncer in transaction mode, reached over its unix socket
 ``database``  the database under test (the throwaway cluster or DATABASE_URL)
+``cpu``       ``python -m wsgi_pgconn.bench.cpu``: CPU and round trips per request of the
+              same applications, called in process (no server), for overhead work
 """

@@ -1,18 +1,23 @@
 """A throwaway PgBouncer in transaction mode in front of the benchmark database.
 
-Clients log in to PgBouncer over TCP with scram-sha-256 (the password is
-kept in plain text in its private ``userlist.txt``, which PgBouncer needs to
-answer scram for a client).  PgBouncer reaches PostgreSQL over the unix
-socket (trust) when there is one, else with the credentials of the TCP
-connection string.  PgBouncer refuses to run as root, so it is started with
-``-u USER`` (the cluster's OS user, or ``postgres``/``nobody``).
+Set up as a PgBouncer on the application's own machine usually is: the
+application connects to PgBouncer's unix socket with ``trust`` (no password
+exchange; connecting costs about 0.05 ms), and PgBouncer keeps the server
+connections.  The socket lives in a directory of its own that every user can
+enter, so that the WSGI servers' unprivileged user (``www-data``, or the
+cluster's OS user) can connect; PgBouncer does not listen on TCP.  With
+``trust`` PgBouncer still wants the user name in its ``auth_file``.
+
+PgBouncer reaches PostgreSQL over the server's unix socket (trust) when there
+is one, else with the credentials of the TCP connection string.  PgBouncer
+refuses to run as root, so it is started with ``-u USER`` (the cluster's OS
+user, or ``postgres``/``nobody``).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -22,9 +27,9 @@ from typing import IO
 import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from wsgi_pgconn.bench.servers import free_port
-
 INSTALL_HINT = "apt-get install pgbouncer"
+#: PgBouncer's port: only the name of its socket (``.s.PGSQL.6432``) in a private directory.
+PORT = 6432
 
 
 def pgbouncer_path() -> str | None:
@@ -50,7 +55,7 @@ def _account(preferred: str | None) -> pwd.struct_passwd:
 
 
 class PgBouncer:
-    """PgBouncer in transaction mode; :meth:`dsn` is how clients reach it."""
+    """PgBouncer in transaction mode; :meth:`dsn` is how clients reach it (unix socket, trust)."""
 
     def __init__(
         self, target_dsn: str, pool_size: int, application_name: str, os_user: str | None = None
@@ -59,20 +64,19 @@ class PgBouncer:
         self.pool_size = pool_size
         self.application_name = application_name
         self.os_user = os_user
-        self.port = 0
-        self.password = secrets.token_urlsafe(18)
+        self.port = PORT
         self.user = "bench"
-        self.workdir = ""
+        self.workdir = ""  # private: configuration, auth_file, log
+        self.socket_dir = ""  # world-enterable: the socket only
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
     def dsn(self) -> str:
         dsn: str = make_dsn(
-            host="127.0.0.1",
+            host=self.socket_dir,
             port=self.port,
             dbname="bench",
             user=self.user,
-            password=self.password,
             application_name=self.application_name,
         )
         return dsn
@@ -87,10 +91,11 @@ class PgBouncer:
                 "[databases]",
                 "bench = " + db_line,
                 "[pgbouncer]",
-                "listen_addr = 127.0.0.1",
+                # No listen_addr: no TCP, the unix socket only.
                 f"listen_port = {self.port}",
-                "unix_socket_dir =",
-                "auth_type = scram-sha-256",
+                "unix_socket_dir = " + self.socket_dir,
+                "unix_socket_mode = 0777",
+                "auth_type = trust",
                 "auth_file = " + os.path.join(self.workdir, "userlist.txt"),
                 "pool_mode = transaction",
                 f"default_pool_size = {self.pool_size}",
@@ -107,12 +112,14 @@ class PgBouncer:
         if exe is None:
             raise RuntimeError(f"pgbouncer not found: {INSTALL_HINT}")
         self.workdir = tempfile.mkdtemp(prefix="wsgi-pgconn-pgbouncer-")
-        self.port = free_port()
+        # Enterable by everyone (the WSGI servers' user), writable by PgBouncer only.
+        self.socket_dir = tempfile.mkdtemp(prefix="wsgi-pgconn-pgbouncer-socket-")
+        os.chmod(self.socket_dir, 0o755)  # noqa: S103 - clients of any user reach the socket
         root = os.geteuid() == 0
         account = _account(self.os_user)
         files = {
             "pgbouncer.ini": self._config(),
-            "userlist.txt": f'"{self.user}" "{self.password}"\n',
+            "userlist.txt": f'"{self.user}" ""\n',  # trust: the name must be listed
         }
         for name, content in files.items():
             path = os.path.join(self.workdir, name)
@@ -123,6 +130,7 @@ class PgBouncer:
                 os.chown(path, account.pw_uid, account.pw_gid)
         if root:
             os.chown(self.workdir, account.pw_uid, account.pw_gid)
+            os.chown(self.socket_dir, account.pw_uid, account.pw_gid)
         argv = [
             exe,
             *(["-u", account.pw_name] if root else []),
@@ -179,5 +187,6 @@ class PgBouncer:
 
     def cleanup(self) -> None:
         self.stop()
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        for directory in (self.workdir, self.socket_dir):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)

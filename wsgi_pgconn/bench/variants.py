@@ -92,7 +92,7 @@ VARIANTS = [
     ),
     Variant(
         "pgbouncer",
-        "PgBouncer (transaction) + connect per request",
+        "PgBouncer: connect per request, unix socket + trust",
         env={"WSGI_PGCONN_BENCH_APP": "connect"},
         dsn="pgbouncer",
     ),

@@ -198,14 +198,16 @@ class _Field:
         if wrapper is None:
             return self
         ref = _current_get()
-        if ref is wrapper._ref and not _outside_get():
-            return getattr(wrapper._in_use, self.name)
+        cache = wrapper._cache
+        if ref is cache[0] and not _outside_get():
+            return getattr(cache[1], self.name)
         return getattr(wrapper._resolve(ref), self.name)
 
     def __set__(self, wrapper: DatabaseWrapper, value: Any) -> None:
         ref = _current_get()
-        if ref is wrapper._ref and not _outside_get():
-            setattr(wrapper._in_use, self.name, value)
+        cache = wrapper._cache
+        if ref is cache[0] and not _outside_get():
+            setattr(cache[1], self.name, value)
         else:
             setattr(wrapper._resolve(ref), self.name, value)
 
@@ -267,10 +269,15 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         self._own = _State()
-        # The bookkeeping in use while the middleware's context variable holds
-        # ``_ref`` (a request's weak reference, or None outside requests).
-        self._in_use: AnyState = self._own
-        self._ref: object = _UNRESOLVED
+        # (the middleware's context variable's value, the bookkeeping in use
+        # while it holds that value): a request's weak reference and its state,
+        # or None and Django's own. One tuple, replaced whole.
+        self._cache: tuple[object, AnyState] = (_UNRESOLVED, self._own)
+        # (weak reference, decision) for each live request this wrapper has met:
+        # its state, or Django's own if it declined. Kept should the cache move
+        # on meanwhile (a request nested in another on this thread, a wrapper
+        # shared between threads); dead requests are dropped at the next one.
+        self._states: list[tuple[Any, AnyState]] = []
         self._detached = True  # until constructed: Django's own state only
         super().__init__(settings_dict, alias)
         self._detached = False
@@ -279,8 +286,9 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
 
     def _state(self) -> AnyState:
         ref = _current_get()
-        if ref is self._ref and not _outside_get():
-            return self._in_use
+        cache = self._cache
+        if ref is cache[0] and not _outside_get():
+            return cache[1]
         return self._resolve(ref)
 
     def _resolve(self, ref: Any) -> AnyState:
@@ -289,9 +297,16 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
             return self._own
         txn = None if ref is None else ref()
         if txn is None:
-            self._ref, self._in_use = ref, self._own
-            return self._own
-        return self._bind(txn, ref)
+            state: AnyState = self._own
+        else:
+            for known, decided in self._states:
+                if known is ref:
+                    state = decided
+                    break
+            else:
+                state = self._bind(txn, ref)
+        self._cache = (ref, state)
+        return state
 
     def _registered(self) -> bool:
         """Whether this wrapper is the one ``connections[alias]`` gives in this thread."""
@@ -301,6 +316,7 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         return any(w is self for w in connections.all(initialized_only=True))
 
     def _bind(self, txn: RequestTransaction, ref: Any) -> AnyState:
+        """Join the request, or decline (Django's own state); once per request."""
         environ = txn.environ
         ident = _get_ident()
         if (
@@ -309,17 +325,21 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
             or not self._registered()
             or environ.setdefault(session.THREAD_KEY, ident) != ident
         ):
-            self._ref, self._in_use = ref, self._own
+            self._remember(ref, self._own)
             return self._own
         state = _RequestState(txn, ref)
-        self._ref, self._in_use = ref, state
+        self._cache = (ref, state)  # joined while Django's connection setup runs
         try:
             session.ensure_prepared(self, txn)
         except BaseException:
-            self._ref, self._in_use = _UNRESOLVED, self._own
+            self._cache = (_UNRESOLVED, self._own)
             raise
+        self._remember(ref, state)
         return state
 
+    def _remember(self, ref: Any, state: AnyState) -> None:
+        # One assignment (a wrapper shared between threads); dead requests dropped.
+        self._states = [*((r, s) for r, s in self._states if r() is not None), (ref, state)]
 
     @property
     def in_request(self) -> bool:
@@ -356,7 +376,12 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         super().close()
 
     def close_if_unusable_or_obsolete(self) -> None:
-        if not self._state().bound:
+        # Twice per request (Django's request_started and request_finished): the
+        # fast path of _state() inlined.
+        ref = _current_get()
+        cache = self._cache
+        state = cache[1] if ref is cache[0] and not _outside_get() else self._resolve(ref)
+        if not state.bound:
             super().close_if_unusable_or_obsolete()
             return
         # close_old_connections during a request: the request's connection is
@@ -371,6 +396,14 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
             super().close_if_unusable_or_obsolete()
         finally:
             _outside_request.reset(token)
+
+    def validate_no_broken_transaction(self) -> None:
+        # Before every query: one look at the state in use instead of two.
+        ref = _current_get()
+        cache = self._cache
+        state = cache[1] if ref is cache[0] and not _outside_get() else self._resolve(ref)
+        if state.needs_rollback:
+            super().validate_no_broken_transaction()  # raises Django's own error
 
     # -- on_commit: run after the middleware's COMMIT ------------------------------
 

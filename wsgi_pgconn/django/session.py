@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg2.extensions as ext
 import psycopg2.extras
@@ -109,18 +109,46 @@ def _check_database(wrapper: DatabaseWrapper, conn: ext.connection) -> None:
         )
 
 
+def _run_session_setup(conn: ext.connection, statements: list[tuple[str, list[str]]]) -> None:
+    """Session settings, as Django sends them: in autocommit when no transaction is open.
+
+    One round trip per statement, no BEGIN and COMMIT around them. The
+    middleware's connections refuse ``autocommit`` while a request holds
+    them; the base class's setter is used (as the core's own ping does) and
+    restored at once. Inside a transaction they run in it.
+    """
+    base: Any = ext.connection
+    switch = conn.get_transaction_status() == _IDLE and not base.autocommit.__get__(conn)
+    if switch:
+        base.autocommit.__set__(conn, True)
+    try:
+        # The base class's cursor: not the first cursor of the request's
+        # transaction (which would run its on_begin hook for this setup).
+        with base.cursor(conn, cursor_factory=ext.cursor) as cur:
+            for sql, params in statements:
+                cur.execute(sql, params)
+    finally:
+        if switch and not conn.closed:
+            base.autocommit.__set__(conn, False)
+
+
 def prepare_connection(wrapper: DatabaseWrapper, conn: ext.connection) -> None:
-    """Django's per-connection setup on ``conn``; a transaction stays open if it ran SQL."""
+    """Django's per-connection setup on ``conn``.
+
+    The session settings run in autocommit if no transaction is open; a
+    ``connection_created`` receiver that runs SQL leaves its transaction open.
+    """
     _check_database(wrapper, conn)
     psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=_keep_text)
     timezone_name = wrapper.timezone_name
     role = wrapper.settings_dict["OPTIONS"].get("assume_role")
-    if (timezone_name and conn.info.parameter_status("TimeZone") != timezone_name) or role:
-        with conn.cursor() as cur:
-            if timezone_name and conn.info.parameter_status("TimeZone") != timezone_name:
-                cur.execute(wrapper.ops.set_time_zone_sql(), [timezone_name])
-            if role:
-                cur.execute("SET ROLE %s", [role])
+    statements: list[tuple[str, list[str]]] = []
+    if timezone_name and conn.get_parameter_status("TimeZone") != timezone_name:
+        statements.append((wrapper.ops.set_time_zone_sql(), [timezone_name]))
+    if role:
+        statements.append(("SET ROLE %s", [role]))
+    if statements:
+        _run_session_setup(conn, statements)
     connection_created.send(sender=type(wrapper), connection=wrapper.detached_for(conn))
     _mark(conn, True)
     logger.debug("prepared backend pid %s for alias %r", conn.info.backend_pid, wrapper.alias)
@@ -155,7 +183,10 @@ def ensure_prepared(wrapper: DatabaseWrapper, txn: RequestTransaction) -> None:
     prepare_connection(wrapper, conn)
     if idle:
         if conn.get_transaction_status() != _IDLE:
-            # Only the setup statements are in this transaction.
+            # What connection_created receivers ran; nothing of the request yet.
             ext.connection.commit(conn)
+            # Their first cursor used up the request's on_begin: arm it again for
+            # the request's own transaction.
+            txn.arm_on_begin()
     else:
         txn.on_rollback(functools.partial(forget, conn))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from threading import get_ident as _get_ident
 from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions as ext
@@ -149,7 +150,7 @@ class DjangoPgConnMiddleware:
         if settings.get("isolation_level") is None:
             settings["isolation_level"] = database_isolation_level(self.alias)
         return PgConnMiddleware(
-            self._tagged_app,
+            self.app,
             dsn=database_dsn(self.alias),
             commit_veto=self._commit_veto,
             configure=self._configure_connection,
@@ -162,15 +163,11 @@ class DjangoPgConnMiddleware:
         if self._configure is not None:
             self._configure(conn)
 
-    def _tagged_app(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
-        """Django's application, told which alias and thread the request's connection is for."""
-        environ[session.ALIAS_KEY] = self.alias
-        environ[session.THREAD_KEY] = threading.get_ident()
-        return self.app(environ, start_response)
-
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # Which alias and thread the request's connection is for (read when the
+        # ORM first meets the request, see DatabaseWrapper._bind).
+        environ[session.ALIAS_KEY] = self.alias
+        environ[session.THREAD_KEY] = _get_ident()
         return (self._middleware or self.middleware)(environ, start_response)
 
     def stats(self) -> dict[str, Any]:

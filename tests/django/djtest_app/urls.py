@@ -19,4 +19,6 @@ urlpatterns = [
     path("stream/<str:key>", views.stream),
     path("aliases/<str:key>", views.aliases),
     path("count/<str:key>", views.count),
+    path("reenter/<str:key>", views.reenter),
+    path("tagged/<str:key>", views.tagged),
 ]

@@ -26,6 +26,8 @@ EVENTS: list[dict[str, Any]] = []
 OBSERVER_DSN: list[str] = []
 #: Tests put here: a threading.Barrier that /wait/ requests meet at.
 BARRIER: list[threading.Barrier] = []
+#: Tests put here: a webtest app that /reenter/ requests call while they run.
+INNER: list[Any] = []
 
 
 class Boom(Exception):
@@ -363,3 +365,24 @@ def aliases(request: HttpRequest, key: str) -> HttpResponse:
             "raw_pid": raw_pid(request),
         },
     )
+
+
+# -- a request served inside another one, on the same thread ------------------------
+
+
+def reenter(request: HttpRequest, key: str) -> HttpResponse:
+    """Inside an atomic block, serve another request (another middleware) on this thread."""
+    with transaction.atomic():
+        Item.objects.create(key=key + "-before")
+        inner = INNER[0].get(f"/write/{key}-inner").json
+        Item.objects.create(key=key + "-after")
+        depth = len(connection.savepoint_ids)
+    return finish(request, {"depth": depth, "pid": backend_pid(), "inner": inner, **state()})
+
+
+def tagged(request: HttpRequest, key: str) -> HttpResponse:
+    """The ORM's first query reads what the middleware's on_begin hook set in the transaction."""
+    with connection.cursor() as cur:
+        cur.execute("SELECT current_setting('djtest.tag', true)")
+        (tag,) = cur.fetchone()
+    return JsonResponse({"tag": tag, "pid": backend_pid()})
