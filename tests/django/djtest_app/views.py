@@ -147,6 +147,9 @@ def atomic_no_savepoint(request: HttpRequest, key: str) -> HttpResponse:
 def observe(key: str) -> None:
     """An on_commit callback: what another connection and Django see now."""
     other = psycopg2.connect(OBSERVER_DSN[0])
+    # Autocommit: never "idle in transaction", not even while its backend exits
+    # after close() (the tests' teardown looks for such sessions).
+    other.autocommit = True
     try:
         with other.cursor() as cur:
             cur.execute("SELECT count(*) FROM djtest_app_item WHERE key = %s", [key])
