@@ -9,7 +9,7 @@ the isolation level, and the user's ``configure(conn)`` hook.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import psycopg2
@@ -22,6 +22,7 @@ __all__ = [
     "ManagedConnection",
     "TrackingCursor",
     "connect_params",
+    "execute_autocommit",
     "open_connection",
     "ping",
     "transaction_prelude",
@@ -251,13 +252,23 @@ def setup(
             conn.commit()
 
 
-def ping(conn: ManagedConnection) -> None:
-    """One round trip outside any transaction; raises psycopg2.Error if the server is gone."""
+def execute_autocommit(conn: ext.connection, statements: Iterable[tuple[str, Any]]) -> None:
+    """Run ``(sql, params)`` statements outside any transaction, one round trip each.
+
+    The connection must be idle. The base class's autocommit setter and
+    cursor are used: they work while a request holds the connection, and
+    neither the transaction prelude nor the ``on_begin`` hook runs.
+    """
     _base.autocommit.__set__(conn, True)  # type: ignore[attr-defined]
     try:
-        # The base class's cursor(): no transaction prelude in autocommit.
         with _base.cursor(conn, cursor_factory=ext.cursor) as cur:
-            cur.execute("SELECT 1")
+            for sql, params in statements:
+                cur.execute(sql, params)
     finally:
         if not conn.closed:
             _base.autocommit.__set__(conn, False)  # type: ignore[attr-defined]
+
+
+def ping(conn: ManagedConnection) -> None:
+    """One round trip outside any transaction; raises psycopg2.Error if the server is gone."""
+    execute_autocommit(conn, [("SELECT 1", None)])

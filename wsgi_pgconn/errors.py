@@ -15,6 +15,7 @@ __all__ = [
     "PgConnError",
     "PoolTimeout",
     "TransactionManaged",
+    "first_line",
 ]
 
 
@@ -48,3 +49,9 @@ class TransactionManaged(psycopg2.ProgrammingError):
     refused; use savepoints (``SAVEPOINT``/``ROLLBACK TO SAVEPOINT``) to undo
     part of a request's work.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line log record."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -38,7 +38,7 @@ import psycopg2.extensions as ext
 from . import config as _config
 from . import connection as _connection
 from .connection import ManagedConnection
-from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout
+from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout, first_line
 from .registry import REGISTRIES, PooledConnection, Registry
 
 if TYPE_CHECKING:
@@ -263,12 +263,9 @@ class RequestTransaction:
             elif self._after_commit or self._after_rollback:
                 # Nothing to COMMIT, but callbacks wait for the request's outcome
                 # (Django's on_commit() in a view that ran no query).
-                if completed and should_commit(self.failed, self.exc_info, self._vetoed):
-                    self._after_rollback.clear()
-                    self._run(self._after_commit, "on_commit")
-                else:
-                    self._after_commit.clear()
-                    self._run(self._after_rollback, "on_rollback")
+                self._settle(
+                    completed and should_commit(self.failed, self.exc_info, self._vetoed)
+                )
             return None
         self.used = True
         commit = completed and should_commit(self.failed, self.exc_info, self._vetoed)
@@ -285,8 +282,7 @@ class RequestTransaction:
             self._mw._count("commits")
             self.outcome = "commit"
             self.arm_on_begin()  # a streamed body may begin another transaction
-            self._after_rollback.clear()
-            self._run(self._after_commit, "on_commit")
+            self._settle(committed=True)
             return None
         self._rollback_after_failure()
         if commit and self.status is not None and self.status[:1] in "123":
@@ -308,15 +304,21 @@ class RequestTransaction:
                 logger.warning(
                     "rollback failed on backend pid %s: %s",
                     conn.info.backend_pid if not conn.closed else "?",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    first_line(exc),
                 )
         self._mw._count("rollbacks")
         self.outcome = "rollback"
         self.arm_on_begin()
-        self._after_commit.clear()
-        self._run(self._after_rollback, "on_rollback")
+        self._settle(committed=False)
 
-    def _run(self, callbacks: list[Callable[[], object]], kind: str) -> None:
+    def _settle(self, committed: bool) -> None:
+        """Run the callbacks waiting for this outcome and drop the others."""
+        if committed:
+            self._after_rollback.clear()
+            callbacks, kind = self._after_commit, "on_commit"
+        else:
+            self._after_commit.clear()
+            callbacks, kind = self._after_rollback, "on_rollback"
         while callbacks:
             callback = callbacks.pop(0)
             try:
@@ -767,16 +769,11 @@ def _end_failed_commit(conn: ManagedConnection) -> None:
     """
     if conn.closed or conn.get_transaction_status() != _IDLE:
         return
-    base = ext.connection
-    base.autocommit.__set__(conn, True)  # type: ignore[attr-defined]
     try:
-        with base.cursor(conn, cursor_factory=ext.cursor) as cur:
-            cur.execute("ROLLBACK")
+        _connection.execute_autocommit(conn, [("ROLLBACK", None)])
     except psycopg2.Error:
         pass  # the connection is broken: the registry finds out at checkin
     finally:
-        if not conn.closed:
-            base.autocommit.__set__(conn, False)  # type: ignore[attr-defined]
         del conn.notices[:]
 
 

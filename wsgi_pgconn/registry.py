@@ -52,7 +52,7 @@ import psycopg2.extensions as ext
 from . import connection as _connection
 from .config import Settings
 from .connection import ManagedConnection
-from .errors import ConfigurationError, PoolTimeout
+from .errors import ConfigurationError, PoolTimeout, first_line
 
 __all__ = ["PoolRegistry", "PooledConnection", "ProcessRegistry", "Registry", "ThreadRegistry"]
 
@@ -219,7 +219,7 @@ class Registry:
             conn = _connection.open_connection(self._dsn, self.settings, self._configure)
         except psycopg2.OperationalError as exc:
             self.stats_counter.incr("connect_errors")
-            logger.warning("cannot connect to PostgreSQL: %s", _first_line(exc))
+            logger.warning("cannot connect to PostgreSQL: %s", first_line(exc))
             raise
         rec = PooledConnection(conn, self._generation, self.settings.max_age)
         self.stats_counter.incr("opened")
@@ -283,19 +283,13 @@ class Registry:
             if _base.autocommit.__get__(conn):  # type: ignore[attr-defined]
                 _base.autocommit.__set__(conn, False)  # type: ignore[attr-defined]
             if used and self.settings.reset == "discard":
-                _base.autocommit.__set__(conn, True)  # type: ignore[attr-defined]
-                try:
-                    with _base.cursor(conn, cursor_factory=ext.cursor) as cur:
-                        cur.execute("DISCARD ALL")
-                finally:
-                    if not conn.closed:
-                        _base.autocommit.__set__(conn, False)  # type: ignore[attr-defined]
+                _connection.execute_autocommit(conn, [("DISCARD ALL", None)])
                 _connection.setup(conn, self.settings, self._configure)
         except psycopg2.Error as exc:
             logger.warning(
                 "resetting connection to backend pid %s failed: %s",
                 rec.backend_pid,
-                _first_line(exc),
+                first_line(exc),
             )
             if conn.closed:
                 self.suspect_all()
@@ -595,11 +589,6 @@ def _close_quietly(rec: PooledConnection) -> None:
         ext.connection.close(rec.conn)
     except Exception as exc:  # a dead socket must not stop the caller's cleanup
         logger.debug("closing backend pid %s failed: %s", rec.backend_pid, exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _after_fork_in_child() -> None:

@@ -26,6 +26,8 @@ import psycopg2.extras
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.signals import connection_created
 
+from ..connection import execute_autocommit
+
 if TYPE_CHECKING:
     from ..middleware import RequestTransaction
     from .base import DatabaseWrapper
@@ -118,18 +120,14 @@ def _run_session_setup(conn: ext.connection, statements: list[tuple[str, list[st
     restored at once. Inside a transaction they run in it.
     """
     base: Any = ext.connection
-    switch = conn.get_transaction_status() == _IDLE and not base.autocommit.__get__(conn)
-    if switch:
-        base.autocommit.__set__(conn, True)
-    try:
-        # The base class's cursor: not the first cursor of the request's
-        # transaction (which would run its on_begin hook for this setup).
-        with base.cursor(conn, cursor_factory=ext.cursor) as cur:
-            for sql, params in statements:
-                cur.execute(sql, params)
-    finally:
-        if switch and not conn.closed:
-            base.autocommit.__set__(conn, False)
+    if conn.get_transaction_status() == _IDLE and not base.autocommit.__get__(conn):
+        execute_autocommit(conn, statements)
+        return
+    # The base class's cursor: not the first cursor of the request's
+    # transaction (which would run its on_begin hook for this setup).
+    with base.cursor(conn, cursor_factory=ext.cursor) as cur:
+        for sql, params in statements:
+            cur.execute(sql, params)
 
 
 def prepare_connection(wrapper: DatabaseWrapper, conn: ext.connection) -> None:
