@@ -23,9 +23,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import psycopg2.extensions
-
-from .errors import ConfigurationError
+from . import drivers
+from .errors import ConfigurationError, DriverNotFound
 
 __all__ = ["ENV_PREFIX", "SETTINGS", "Settings", "config", "parse", "settings_environ"]
 
@@ -36,6 +35,8 @@ RESETS = ("rollback", "discard")
 CHECKS = ("socket", "query")
 POOLERS = ("none", "session", "transaction")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
+#: psycopg 3's own default for prepare_threshold.
+PSYCOPG_PREPARE_THRESHOLD = 5
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?) *(us|ms|s|min|h|d)?", re.ASCII)
 _DURATION_MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -62,8 +63,17 @@ class Settings:
     pooler: str = "none"
     retries: int = 0
     retry_max_body: int = 1 << 20
+    driver: str = "auto"
+    pipeline_begin: bool = True
+    #: psycopg 3 only; -1 (the default) means 5, or None behind a transaction pooler.
+    prepare_threshold: int | None = -1
 
     def __post_init__(self) -> None:
+        if self.prepare_threshold == -1:
+            # Server-side prepared statements do not survive a transaction pooler
+            # (unless it tracks them: PgBouncer 1.21+ max_prepared_statements).
+            default = None if self.pooler == "transaction" else PSYCOPG_PREPARE_THRESHOLD
+            object.__setattr__(self, "prepare_threshold", default)
         if self.pooler == "transaction" and self.reset == "discard":
             raise ConfigurationError(
                 "WSGI_PGCONN_RESET=discard cannot work behind a transaction pooler "
@@ -88,14 +98,11 @@ def mask_dsn(dsn: str) -> str:
     if not dsn:
         return ""
     try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
+        driver = drivers.load()
+        params = driver.parse_conninfo(dsn)
+    except Exception:
         return "<unparsable connection string>"
-    for secret in ("password", "sslpassword"):
-        if secret in params:
-            params[secret] = "********"
-    masked: str = psycopg2.extensions.make_dsn(**params)
-    return masked
+    return driver.make_conninfo(**drivers.mask_password(params))
 
 
 # -- value parsers: (label, raw) -> value; label names the variable in errors --
@@ -110,9 +117,11 @@ def _dsn(label: str, raw: object) -> str:
         raise ConfigurationError(f"{label} must be a string, not {type(raw).__name__}")
     if raw.strip():
         try:
-            psycopg2.extensions.parse_dsn(raw)
+            drivers.parse_conninfo(raw)
             valid = True
-        except psycopg2.ProgrammingError:
+        except DriverNotFound:
+            raise
+        except Exception:
             valid = False
         if not valid:
             # Raised outside the except block: libpq's message may quote part of the
@@ -206,6 +215,23 @@ def _duration(label: str, raw: object) -> str | None:
     return value.replace(" ", "")
 
 
+def _boolean(label: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise _bad(label, raw, "expected on or off (1/0, true/false, yes/no)")
+
+
+def _optional_integer(label: str, raw: object) -> int | None:
+    if raw is None or str(raw).strip().lower() in ("none", "off"):
+        return None
+    return _integer(0)(label, raw)
+
+
 def _paths(label: str, raw: object) -> tuple[str, ...]:
     items: Iterable[object] = raw.split(",") if isinstance(raw, str) else raw  # type: ignore[assignment]
     try:
@@ -241,6 +267,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "pooler": (ENV_PREFIX + "POOLER", _choice(POOLERS)),
     "retries": (ENV_PREFIX + "RETRIES", _integer(0)),
     "retry_max_body": (ENV_PREFIX + "RETRY_MAX_BODY", _integer(0)),
+    "driver": (ENV_PREFIX + "DRIVER", _choice(drivers.CHOICES)),
+    "pipeline_begin": (ENV_PREFIX + "PIPELINE_BEGIN", _boolean),
+    "prepare_threshold": (ENV_PREFIX + "PREPARE_THRESHOLD", _optional_integer),
 }
 
 

@@ -1,16 +1,19 @@
 """The exceptions wsgi_pgconn raises.
 
-Errors about the database itself subclass psycopg2's own classes, so code that
-already catches ``psycopg2.OperationalError`` (or Django's wrapper of it) keeps
-working: a pool timeout is an ``OperationalError`` like a failed connect.
+This module imports no driver. Errors that are about the database itself
+(:class:`PoolTimeout`, :class:`TransactionManaged`) are raised as subclasses
+that the driver module makes, which also derive from the driver's own classes:
+on psycopg2 a pool timeout is a ``psycopg2.OperationalError``, on psycopg 3 a
+``psycopg.OperationalError``, like a failed connect, so code (or Django's
+wrapper) that already catches those keeps working. ``except
+wsgi_pgconn.PoolTimeout`` catches it on either driver.
 """
 
 from __future__ import annotations
 
-import psycopg2
-
 __all__ = [
     "ConfigurationError",
+    "DriverNotFound",
     "MiddlewareNotInstalled",
     "PgConnError",
     "PoolTimeout",
@@ -32,22 +35,31 @@ class ConfigurationError(PgConnError, ValueError):
     """
 
 
+class DriverNotFound(ConfigurationError, ImportError):
+    """The driver the settings ask for (or any driver, for ``auto``) cannot be imported."""
+
+
 class MiddlewareNotInstalled(PgConnError, LookupError):
     """The request's environ holds no connection: PgConnMiddleware is not wrapping the app."""
 
 
-class PoolTimeout(psycopg2.OperationalError):
-    """No pooled connection became free within ``pool_timeout`` seconds."""
+class PoolTimeout(PgConnError):
+    """No pooled connection became free within ``pool_timeout`` seconds.
+
+    Raised as the driver's subclass, which is also its ``OperationalError``.
+    """
 
 
-class TransactionManaged(psycopg2.ProgrammingError):
+class TransactionManaged(PgConnError):
     """The application tried to end or reconfigure a transaction that the middleware owns.
 
     While a request holds a connection, the middleware decides commit or
     rollback when the response is complete. ``commit()``, ``rollback()``,
-    ``close()``, ``autocommit``, ``set_session()`` and two-phase commit are
-    refused; use savepoints (``SAVEPOINT``/``ROLLBACK TO SAVEPOINT``) to undo
-    part of a request's work.
+    ``close()``, ``with conn:``, ``autocommit``, the session characteristics
+    and two-phase commit are refused; use savepoints (``SAVEPOINT``, psycopg
+    3's ``conn.transaction()``, Django's ``atomic()``) to undo part of a
+    request's work. Raised as the driver's subclass, which is also its
+    ``ProgrammingError``.
     """
 
 

@@ -1,12 +1,13 @@
 """The database backend ``wsgi_pgconn.django``: Django's postgresql backend, request-aware.
 
-Outside a request it *is* Django's postgresql backend on psycopg2: same
-connections, same autocommit, same transactions.
+Outside a request it *is* Django's postgresql backend, on the driver Django
+picks (psycopg 3 when it is installed, else psycopg2): same connections, same
+autocommit, same transactions.
 
 Inside a request served by wsgi_pgconn's middleware (on the thread that serves
 it, for the alias the middleware is bound to, ``"default"`` unless
 :data:`~wsgi_pgconn.django.session.ALIAS_KEY` says otherwise) the wrapper's
-``connection`` is the request's psycopg2 connection, and Django's transaction
+``connection`` is the request's connection (of the same driver), and Django's transaction
 bookkeeping is a separate set that starts "inside an atomic block":
 
 * ``atomic()`` makes a savepoint of the request's transaction;
@@ -18,6 +19,10 @@ bookkeeping is a separate set that starts "inside an atomic block":
 * ``close()`` and ``close_if_unusable_or_obsolete()`` (``close_old_connections``)
   leave the request's connection alone.
 
+Django's own connection pool (``OPTIONS["pool"]``, psycopg 3) is refused with
+:class:`~django.core.exceptions.ImproperlyConfigured`: the middleware keeps the
+connections (``WSGI_PGCONN_SCOPE=pool`` is the equivalent).
+
 Django's own bookkeeping (and its own connection, if one is open, for example
 the test case's) is untouched and in use again as soon as the request ends.
 """
@@ -25,43 +30,34 @@ the test case's) is untouched and in use again as soon as the request ends.
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.backends.postgresql import base as _postgresql
+from django.db.transaction import TransactionManagementError
 
-_PSYCOPG3 = (
-    "wsgi_pgconn.django runs on psycopg2, but psycopg (version 3) is importable, and "
-    "Django's postgresql backend prefers it: the ORM would use psycopg 3 while the "
-    "middleware uses psycopg2. Uninstall psycopg (pip uninstall psycopg psycopg-binary "
-    "psycopg-c) from this environment."
-)
-
-if importlib.util.find_spec("psycopg") is not None:
-    raise ImproperlyConfigured(_PSYCOPG3)
-
-import psycopg2.extensions as ext  # noqa: E402
-from django.db import DEFAULT_DB_ALIAS, connections, transaction  # noqa: E402
-from django.db.backends.postgresql import base as _postgresql  # noqa: E402
-from django.db.backends.postgresql.psycopg_any import is_psycopg3  # noqa: E402
-from django.db.transaction import TransactionManagementError  # noqa: E402
-
-from ..middleware import CONNECTION_KEY, RequestTransaction, _current  # noqa: E402
-from . import session  # noqa: E402
-from .creation import DatabaseCreation  # noqa: E402
-
-if is_psycopg3:  # pragma: no cover - the find_spec check above comes first
-    raise ImproperlyConfigured(_PSYCOPG3)
+from ..drivers import INERROR
+from ..middleware import CONNECTION_KEY
+from ..transaction import RequestTransaction, _current
+from . import session
+from .creation import DatabaseCreation
 
 __all__ = ["DatabaseWrapper"]
 
 logger = logging.getLogger("wsgi_pgconn.django")
 django_logger = logging.getLogger("django.db.backends.base")
 
-_INERROR = ext.TRANSACTION_STATUS_INERROR
+#: Django's OPTIONS["pool"] keys and the wsgi_pgconn settings that do their work.
+POOL_EQUIVALENTS = {
+    "max_size": "WSGI_PGCONN_POOL_SIZE",
+    "timeout": "WSGI_PGCONN_POOL_TIMEOUT",
+    "max_lifetime": "WSGI_PGCONN_MAX_AGE",
+    "max_idle": "WSGI_PGCONN_MAX_IDLE",
+}
 
 #: True while on_commit callbacks of a committed request run: Django is then
 #: outside the request (autocommit, its own connection), as after any COMMIT.
@@ -240,7 +236,7 @@ class _NeedsRollbackField(_Field):
             value
             and txn is not None
             and not state.savepoint_ids
-            and txn.connection.get_transaction_status() != _INERROR
+            and txn._mw.driver.transaction_status(txn.connection) != INERROR
         ):
             txn.set_rollback_only()
 
@@ -268,6 +264,15 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
     run_commit_hooks_on_set_autocommit_on = _Field()
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
+        if settings_dict.get("OPTIONS", {}).get("pool"):
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own connection "
+                "pool, which would fight wsgi_pgconn's: with ENGINE 'wsgi_pgconn.django' the "
+                "middleware keeps the connections. Remove 'pool' and set "
+                "WSGI_PGCONN_SCOPE=pool instead, with "
+                + ", ".join(f"{var} for {key!r}" for key, var in POOL_EQUIVALENTS.items())
+                + " (see the Django page of the docs)"
+            )
         self._own = _State()
         # (the middleware's context variable's value, the bookkeeping in use
         # while it holds that value): a request's weak reference and its state,
@@ -346,7 +351,7 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         """True while this wrapper uses the request's connection and transaction."""
         return self._state().bound
 
-    def detached_for(self, conn: ext.connection) -> DatabaseWrapper:
+    def detached_for(self, conn: Any) -> DatabaseWrapper:
         """A wrapper of this alias around ``conn`` that never joins a request.
 
         It is what ``connection_created`` receives for a connection the
@@ -359,6 +364,17 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         return wrapper
 
     # -- Django's methods that must not touch the request's connection ---------
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        if name:
+            # A server-side cursor that Django makes from its class, not through
+            # the connection: begin the request's transaction (and run its
+            # on_begin hook) first, as any other first statement would.
+            state = self._state()
+            txn = state.txn
+            if state.bound and txn is not None:
+                txn._mw.driver.begin(txn.connection)
+        return super().create_cursor(name)
 
     def connect(self) -> None:
         if self._state().bound:

@@ -22,13 +22,13 @@ import threading
 from threading import get_ident as _get_ident
 from typing import TYPE_CHECKING, Any
 
-import psycopg2.extensions as ext
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from .. import config as _config
-from ..connection import ManagedConnection
-from ..middleware import CommitVeto, PgConnMiddleware
+from .. import drivers
+from ..middleware import PgConnMiddleware
+from ..transaction import CommitVeto
 from . import session
 from .base import DatabaseWrapper
 
@@ -39,8 +39,15 @@ if TYPE_CHECKING:
 
 __all__ = ["DjangoPgConnMiddleware", "database_dsn", "get_wsgi_application"]
 
-#: Keys of Django's connection parameters that are psycopg2 arguments, not libpq ones.
-_NOT_LIBPQ = ("cursor_factory", "connection_factory", "async", "async_")
+#: Keys of Django's connection parameters that are driver arguments, not libpq ones.
+_NOT_LIBPQ = (
+    "cursor_factory",
+    "connection_factory",
+    "async",
+    "async_",
+    "context",
+    "prepare_threshold",
+)
 
 _ISOLATION_NAMES = {
     "READ_UNCOMMITTED": "read committed",  # PostgreSQL runs it as read committed
@@ -66,10 +73,9 @@ def database_dsn(alias: str = DEFAULT_DB_ALIAS) -> str:
     params = _wrapper(alias).get_connection_params()
     for key in _NOT_LIBPQ:
         params.pop(key, None)
-    dsn: str = ext.make_dsn(
+    return drivers.load(session.DRIVER).make_conninfo(
         **{key: str(value) for key, value in params.items() if value is not None and value != ""}
     )
-    return dsn
 
 
 def database_isolation_level(alias: str = DEFAULT_DB_ALIAS) -> str | None:
@@ -84,7 +90,7 @@ def database_isolation_level(alias: str = DEFAULT_DB_ALIAS) -> str | None:
     except ValueError:
         raise ImproperlyConfigured(
             f"DATABASES[{alias!r}]['OPTIONS']['isolation_level'] = {value!r} is not a "
-            "psycopg2 isolation level"
+            "PostgreSQL isolation level (see IsolationLevel in Django's docs)"
         ) from None
     return _ISOLATION_NAMES[level.name]
 
@@ -110,8 +116,8 @@ class DjangoPgConnMiddleware:
         *,
         alias: str = DEFAULT_DB_ALIAS,
         commit_veto: CommitVeto | None = None,
-        configure: Callable[[ManagedConnection], object] | None = None,
-        on_begin: Callable[[ManagedConnection, dict[str, Any]], object] | None = None,
+        configure: Callable[[Any], object] | None = None,
+        on_begin: Callable[[Any, dict[str, Any]], object] | None = None,
         **settings: Any,
     ) -> None:
         if "dsn" in settings:
@@ -119,8 +125,11 @@ class DjangoPgConnMiddleware:
                 "DjangoPgConnMiddleware takes its connection string from "
                 f"settings.DATABASES[{alias!r}]; to give one yourself, use PgConnMiddleware"
             )
-        # A bad value fails now, as with PgConnMiddleware (DATABASE_URL is not ours to check).
-        _config.parse(os.environ, dsn="", **settings)
+        # A bad value fails now, as with PgConnMiddleware (DATABASE_URL is not ours to check);
+        # so does a driver other than Django's.
+        driver = _config.parse(os.environ, dsn="", **settings).driver
+        if driver not in ("auto", session.DRIVER):
+            session.check_driver(drivers.load(driver))
         self.app = app
         self.alias = alias
         self._settings = settings
@@ -147,8 +156,14 @@ class DjangoPgConnMiddleware:
 
     def _build(self) -> PgConnMiddleware:
         settings = dict(self._settings)
+        settings["driver"] = session.DRIVER
         if settings.get("isolation_level") is None:
             settings["isolation_level"] = database_isolation_level(self.alias)
+        options = _wrapper(self.alias).settings_dict["OPTIONS"]
+        if session.DRIVER == "psycopg" and settings.get("prepare_threshold") is None:
+            # Django's default: no server-side prepared statements (poolers).
+            threshold = options.get("prepare_threshold")
+            settings["prepare_threshold"] = "off" if threshold is None else threshold
         return PgConnMiddleware(
             self.app,
             dsn=database_dsn(self.alias),
@@ -158,8 +173,8 @@ class DjangoPgConnMiddleware:
             **settings,
         )
 
-    def _configure_connection(self, conn: ManagedConnection) -> None:
-        session.prepare_connection(_wrapper(self.alias), conn)
+    def _configure_connection(self, conn: Any) -> None:
+        session.prepare_connection(_wrapper(self.alias), self.middleware.driver, conn)
         if self._configure is not None:
             self._configure(conn)
 

@@ -1,0 +1,228 @@
+"""The driver seam: what the core needs from a PostgreSQL driver, and which driver to use.
+
+wsgi_pgconn runs on psycopg2 or on psycopg (version 3). Each has one module in
+this package, :mod:`wsgi_pgconn.drivers.psycopg2` and
+:mod:`wsgi_pgconn.drivers.psycopg`, and each module implements
+:class:`Driver`; no other module of the library imports a driver. The rest of
+the core (registries, middleware, adapters) talks to connections only through
+a :class:`Driver` and through the attributes of :class:`ManagedState`, which
+the managed connection classes of both drivers carry.
+
+Choosing (setting ``driver``, environment ``WSGI_PGCONN_DRIVER``):
+
+``psycopg2`` / ``psycopg``
+    that driver; :class:`~wsgi_pgconn.errors.DriverNotFound` if it cannot be
+    imported.
+``auto`` (the default)
+    psycopg 3 if it can be imported, else psycopg2: the rule of Django's own
+    postgresql backend, so a process never mixes the two. The Django adapter
+    always uses the driver Django's backend uses.
+
+>>> resolve("psycopg2")
+'psycopg2'
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import DriverNotFound
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..errors import PoolTimeout, TransactionManaged
+
+__all__ = [
+    "DRIVER_NAMES",
+    "IDLE",
+    "INERROR",
+    "INTRANS",
+    "Driver",
+    "ManagedState",
+    "installed",
+    "load",
+    "parse_conninfo",
+    "resolve",
+]
+
+#: The drivers wsgi_pgconn supports (module names), in the order ``auto`` prefers them.
+DRIVER_NAMES = ("psycopg", "psycopg2")
+#: What the ``driver`` setting accepts.
+CHOICES = ("auto", "psycopg2", "psycopg")
+
+#: libpq's transaction status (PQtransactionStatus), the same numbers on both drivers.
+IDLE = 0
+ACTIVE = 1
+INTRANS = 2
+INERROR = 3
+UNKNOWN = 4
+
+_INSTALL = {
+    "psycopg2": (
+        "pip install 'wsgi_pgconn[psycopg2]' (psycopg2-binary), or psycopg2 built from source"
+    ),
+    "psycopg": "pip install 'wsgi_pgconn[psycopg]' (psycopg[binary])",
+}
+
+
+class ManagedState:
+    """The attributes through which the core drives a managed connection.
+
+    Both drivers' connection classes inherit these defaults; the middleware
+    sets them on the instance while a request holds the connection and puts
+    the defaults back when it is released.
+    """
+
+    #: The statements that begin a request's transaction (BEGIN with the
+    #: isolation level, then the transaction-pooler prelude), sent with the
+    #: transaction's first statement; None while no request holds the connection.
+    _wsgi_pgconn_begin: tuple[str, ...] | None = None
+    #: Whether BEGIN travels with the first statement (else: its own round trip).
+    _wsgi_pgconn_pipeline: bool = True
+    #: The request's ``on_begin`` hook, run once before the transaction's first statement.
+    _wsgi_pgconn_on_begin: Callable[[], object] | None = None
+    #: How many transactions the cursors have begun while a request held the connection.
+    _wsgi_pgconn_began: int = 0
+    #: SQLSTATE of the last failed statement (recorded only when retries are on).
+    _wsgi_pgconn_sqlstate: str | None = None
+
+
+class Driver(Protocol):
+    """What a driver module provides (both modules are checked against this by mypy)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def Error(self) -> type[Exception]: ...
+    @property
+    def OperationalError(self) -> type[Exception]: ...
+    @property
+    def PoolTimeout(self) -> type[PoolTimeout]: ...
+    @property
+    def TransactionManaged(self) -> type[TransactionManaged]: ...
+
+    def version(self) -> str:
+        """The driver's version, and the libpq it was built with."""
+
+    def parse_conninfo(self, conninfo: str) -> dict[str, str]:
+        """A ``postgresql://`` URL or ``key=value`` string as a dict (libpq's parser).
+
+        Raises the driver's ProgrammingError (psycopg2) or ProgrammingError
+        (psycopg) for a string libpq cannot parse.
+        """
+
+    def make_conninfo(self, conninfo: str = "", **params: str) -> str:
+        """``conninfo`` with ``params`` added or replacing its own, as ``key=value`` text."""
+
+    def connect(
+        self, conninfo: str, settings: Settings, configure: Callable[[Any], object] | None
+    ) -> Any:
+        """Open a managed connection, set it up, and return it idle (no transaction open)."""
+
+    def setup(
+        self, conn: Any, settings: Settings, configure: Callable[[Any], object] | None
+    ) -> None:
+        """The per-connection setup again (after ``DISCARD ALL``)."""
+
+    def transaction_status(self, conn: Any) -> int:
+        """libpq's transaction status: :data:`IDLE`, :data:`INTRANS`, :data:`INERROR`, ..."""
+
+    def is_closed(self, conn: Any) -> bool: ...
+    def backend_pid(self, conn: Any) -> int: ...
+    def fileno(self, conn: Any) -> int: ...
+    def parameter_status(self, conn: Any, name: str) -> str | None:
+        """A server parameter as last reported by the server (no round trip)."""
+
+    def drain(self, conn: Any) -> bool:
+        """Read what arrived on an idle connection; False if it says the backend is gone."""
+
+    def begin(self, conn: Any) -> None:
+        """Begin the request's transaction now, if a request holds ``conn`` and none is open.
+
+        Runs the request's ``on_begin`` hook first. For code that makes cursors
+        without the connection (Django's server-side cursors on psycopg 3).
+        """
+
+    def use_adapters(self, conn: Any, adapters: Any) -> None:
+        """psycopg 3: have ``conn`` use a copy of ``adapters`` (an AdaptersMap), as
+        ``connect(context=...)`` would. psycopg2: not supported (TypeError)."""
+
+    def jsonb_as_text(self, conn: Any) -> None:
+        """Have jsonb values arrive as text, as Django's backend does (JSONField decodes them)."""
+
+    def commit(self, conn: Any) -> None:
+        """COMMIT the open transaction (whatever the guards say); raises the driver's Error."""
+
+    def rollback(self, conn: Any) -> None:
+        """ROLLBACK the open transaction (whatever the guards say)."""
+
+    def execute_outside_transaction(
+        self, conn: Any, statements: Iterable[tuple[str, Any]]
+    ) -> None:
+        """Run ``(sql, params)`` statements on an idle connection, each in autocommit.
+
+        One round trip each; no BEGIN, no prelude, no ``on_begin`` hook.
+        """
+
+    def execute_in_transaction(self, conn: Any, statements: Iterable[tuple[str, Any]]) -> None:
+        """Run ``(sql, params)`` statements in the open transaction, without the hooks."""
+
+    def clear_notices(self, conn: Any) -> None: ...
+    def cancel(self, conn: Any) -> None:
+        """Ask the server to cancel the statement running on ``conn`` (a separate connection)."""
+
+    def close(self, conn: Any) -> None:
+        """Close the connection (whatever the guards say); never raises."""
+
+    def sqlstate(self, exc: BaseException) -> str | None:
+        """The SQLSTATE of a driver error, or None."""
+
+
+def installed() -> list[str]:
+    """The supported drivers that can be imported here, in :data:`DRIVER_NAMES` order."""
+    return [name for name in DRIVER_NAMES if importlib.util.find_spec(name) is not None]
+
+
+def resolve(choice: str = "auto") -> str:
+    """The driver module name for a ``driver`` setting; raises DriverNotFound."""
+    if choice == "auto":
+        found = installed()
+        if not found:
+            raise DriverNotFound(
+                "wsgi_pgconn needs a PostgreSQL driver and neither psycopg (3) nor psycopg2 "
+                f"is installed: {_INSTALL['psycopg']}, or {_INSTALL['psycopg2']}"
+            )
+        return found[0]
+    if choice not in _INSTALL:
+        raise DriverNotFound(
+            f"WSGI_PGCONN_DRIVER={choice!r} is not valid: expected one of "
+            + ", ".join(repr(c) for c in CHOICES)
+        )
+    if importlib.util.find_spec(choice) is None:
+        raise DriverNotFound(
+            f"WSGI_PGCONN_DRIVER={choice!r}, but {choice} is not installed: {_INSTALL[choice]}"
+        )
+    return choice
+
+
+def load(choice: str = "auto") -> Driver:
+    """The driver module for a ``driver`` setting (imported now); raises DriverNotFound."""
+    name = resolve(choice)
+    module: Driver = importlib.import_module(f"{__name__}.{name}")
+    return module
+
+
+def parse_conninfo(conninfo: str, choice: str = "auto") -> dict[str, str]:
+    """libpq's parse of ``conninfo`` through the chosen (or any installed) driver."""
+    return load(choice).parse_conninfo(conninfo)
+
+
+def mask_password(params: Mapping[str, str]) -> dict[str, str]:
+    """``params`` with the values of password-like keys replaced by ``********``."""
+    return {
+        key: "********" if key in ("password", "sslpassword") else value
+        for key, value in params.items()
+    }

@@ -1,0 +1,460 @@
+"""psycopg (version 3) behind the driver seam.
+
+A managed connection is in psycopg's autocommit mode, so psycopg never sends
+BEGIN on its own; :meth:`ManagedConnection._start_query` (the method psycopg
+calls before every statement, from every kind of cursor) sends the request's
+BEGIN instead. When the first statement is a cursor's ``execute()``, it runs
+in pipeline mode: BEGIN (with the isolation level, and the transaction-pooler
+prelude) and the statement go out in one network write and come back in one
+round trip. ``executemany()`` already uses a pipeline and takes BEGIN into
+it. Server-side cursors, ``copy()`` and ``stream()`` send BEGIN as its own
+round trip first (psycopg does not pipeline them).
+
+While a request holds the connection, ``conn.transaction()`` blocks are
+savepoints of the request's transaction, and ``commit()``, ``rollback()``,
+``close()``, ``with conn:`` and the session characteristics are refused.
+
+This module uses three of psycopg's internal methods (``_start_query``,
+``_exec_command`` and the ``_pipeline`` attribute), present from psycopg 3.1
+to 3.3; the test suite fails if they change.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import psycopg
+from psycopg import pq
+
+from .. import errors
+from ..connection import begin_statements
+from . import IDLE, ManagedState
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["ManagedConnection", "managed_class"]
+
+name = "psycopg"
+Error = psycopg.Error
+OperationalError = psycopg.OperationalError
+
+
+class PoolTimeout(errors.PoolTimeout, psycopg.OperationalError):
+    __doc__ = errors.PoolTimeout.__doc__
+
+
+class TransactionManaged(errors.TransactionManaged, psycopg.ProgrammingError):
+    __doc__ = errors.TransactionManaged.__doc__
+
+
+_BAD = pq.ConnStatus.BAD
+_Base: Any = psycopg.Connection
+
+
+def version() -> str:
+    lib = pq.version()
+    return (
+        f"psycopg {psycopg.__version__} ({pq.__impl__} implementation, "
+        f"libpq {lib // 10000}.{lib % 10000})"
+    )
+
+
+# -- beginning the request's transaction --------------------------------------------------
+
+
+def _run_on_begin(conn: ManagedConnection) -> None:
+    """Run the request's ``on_begin`` hook, once, before its transaction's first statement."""
+    on_begin = conn._wsgi_pgconn_on_begin
+    if on_begin is not None:
+        conn._wsgi_pgconn_on_begin = None  # its own statements must not re-enter
+        on_begin()
+
+
+def _begin_now(conn: ManagedConnection) -> None:
+    """Begin the request's transaction now, if no transaction is open (BEGIN alone)."""
+    if conn._wsgi_pgconn_begin is not None and conn.pgconn.transaction_status == IDLE:
+        _run_on_begin(conn)
+        if conn.pgconn.transaction_status == IDLE:
+            with conn.lock:
+                conn.wait(conn._start_query())
+
+
+class _Cursor:
+    """Mixed in below every client-side cursor class of a managed connection."""
+
+    __slots__ = ()
+    #: The user's cursor class this one was made for.
+    _wsgi_pgconn_factory: Any = None
+    _conn: ManagedConnection
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        conn = self._conn
+        if conn._wsgi_pgconn_begin is not None and conn.pgconn.transaction_status == IDLE:
+            _run_on_begin(conn)
+            if (
+                conn.pgconn.transaction_status == IDLE
+                and conn._wsgi_pgconn_pipeline
+                and conn._pipeline is None
+            ):
+                # BEGIN and the statement in one pipeline: one round trip.
+                with conn.pipeline():
+                    super().execute(query, params, **kwargs)  # type: ignore[misc]
+                return self
+        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        conn = self._conn
+        if conn._wsgi_pgconn_begin is not None and conn.pgconn.transaction_status == IDLE:
+            _run_on_begin(conn)
+        return super().executemany(*args, **kwargs)  # type: ignore[misc]
+
+    @contextmanager
+    def copy(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        _begin_now(self._conn)
+        with super().copy(*args, **kwargs) as copy:  # type: ignore[misc]
+            yield copy
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        _begin_now(self._conn)
+        return super().stream(*args, **kwargs)  # type: ignore[misc, no-any-return]
+
+
+class _ServerCursor:
+    """Mixed in below every server-side cursor class of a managed connection."""
+
+    __slots__ = ()
+    _wsgi_pgconn_factory: Any = None
+    _conn: ManagedConnection
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        conn = self._conn
+        if conn._wsgi_pgconn_begin is not None and conn.pgconn.transaction_status == IDLE:
+            _run_on_begin(conn)
+        return super().execute(*args, **kwargs)  # type: ignore[misc]
+
+
+class _Recording:
+    """Remembers the SQLSTATE of a failed statement on the connection (retries only)."""
+
+    __slots__ = ()
+    _conn: ManagedConnection
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute(*args, **kwargs)  # type: ignore[misc]
+        except psycopg.Error as exc:
+            self._conn._wsgi_pgconn_sqlstate = exc.sqlstate or type(exc).__name__
+            raise
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().executemany(*args, **kwargs)  # type: ignore[misc]
+        except psycopg.Error as exc:
+            self._conn._wsgi_pgconn_sqlstate = exc.sqlstate or type(exc).__name__
+            raise
+
+
+_classes: dict[tuple[Any, bool], type[Any]] = {}
+_classes_lock = threading.Lock()
+
+
+def managed_class(factory: Any, *, recording: bool) -> Any:
+    """``factory`` (a psycopg cursor class) with this module's mixins in front of it."""
+    factory = getattr(factory, "_wsgi_pgconn_factory", factory)
+    if not (isinstance(factory, type) and issubclass(factory, psycopg.Cursor)):
+        return factory
+    key = (factory, recording)
+    cls = _classes.get(key)
+    if cls is None:
+        mixin = _ServerCursor if issubclass(factory, psycopg.ServerCursor) else _Cursor
+        bases: tuple[type[Any], ...] = (mixin, factory)
+        if recording:
+            bases = (_Recording, *bases)
+        cls = type(
+            "Managed" + factory.__name__,
+            bases,
+            {"__slots__": (), "_wsgi_pgconn_factory": factory, "__module__": __name__},
+        )
+        with _classes_lock:
+            cls = _classes.setdefault(key, cls)
+    return cls
+
+
+# -- the connection ------------------------------------------------------------------------
+
+
+def _refusing(method: str) -> Any:
+    base = getattr(_Base, method)
+
+    def guarded(self: ManagedConnection, *args: Any, **kwargs: Any) -> Any:
+        if self._wsgi_pgconn_begin is not None:
+            self._wsgi_pgconn_refuse(f"{method}()")
+        return base(self, *args, **kwargs)
+
+    guarded.__name__ = method
+    guarded.__doc__ = base.__doc__
+    return guarded
+
+
+def _refusing_setter(attribute: str) -> Any:
+    base = getattr(_Base, attribute)
+
+    def set_value(self: ManagedConnection, value: Any) -> None:
+        if self._wsgi_pgconn_begin is not None:
+            self._wsgi_pgconn_refuse(f"setting {attribute}")
+        base.__set__(self, value)
+
+    return property(base.__get__, set_value, doc=base.__doc__)
+
+
+class ManagedConnection(ManagedState, psycopg.Connection[Any]):
+    """A psycopg connection whose transaction belongs to the middleware during a request.
+
+    Between requests (and in ``configure`` hooks) it is an ordinary
+    connection in autocommit mode. While a request holds it, its statements
+    run in the request's transaction, ``autocommit`` reads False,
+    ``transaction()`` blocks are savepoints, and ending or reconfiguring the
+    transaction raises :class:`~wsgi_pgconn.errors.TransactionManaged`.
+    """
+
+    _wsgi_pgconn_bbegin: tuple[bytes, ...] = ()
+    _wsgi_pgconn_recording = False
+    _wsgi_pgconn_notices = 0
+
+    def _wsgi_pgconn_refuse(self, what: str) -> NoReturn:
+        raise TransactionManaged(
+            f"{what} is not allowed on a connection managed by wsgi_pgconn: the request's "
+            "transaction is committed when the response succeeds and rolled back when it "
+            "fails. Use conn.transaction() (a savepoint) to undo part of the work, or a "
+            "connection of your own."
+        )
+
+    def _start_query(self) -> Any:  # psycopg's hook before every statement
+        if self._wsgi_pgconn_begin is not None and self.pgconn.transaction_status == IDLE:
+            self._wsgi_pgconn_began += 1
+            for statement in self._wsgi_pgconn_bbegin:
+                yield from self._exec_command(statement)
+            pipeline = self._pipeline
+            if pipeline is not None:
+                # Send them now (no waiting for results): the statement follows.
+                yield from pipeline._communicate_gen()
+            return
+        yield from super()._start_query()
+
+    # Cursor classes: the user's, with this module's mixins in front.
+    @property
+    def cursor_factory(self) -> Any:
+        return self.__dict__["_wsgi_pgconn_cursor_factory"]
+
+    @cursor_factory.setter
+    def cursor_factory(self, value: Any) -> None:
+        self.__dict__["_wsgi_pgconn_cursor_factory"] = managed_class(
+            value, recording=self._wsgi_pgconn_recording
+        )
+
+    @property
+    def server_cursor_factory(self) -> Any:
+        return self.__dict__["_wsgi_pgconn_server_cursor_factory"]
+
+    @server_cursor_factory.setter
+    def server_cursor_factory(self, value: Any) -> None:
+        self.__dict__["_wsgi_pgconn_server_cursor_factory"] = managed_class(
+            value, recording=self._wsgi_pgconn_recording
+        )
+
+    @contextmanager
+    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """A savepoint of the request's transaction while a request holds the connection."""
+        _begin_now(self)
+        with super().transaction(*args, **kwargs) as tx:
+            yield tx
+
+    @property
+    def autocommit(self) -> bool:
+        """False while a request holds the connection (its transaction is the middleware's)."""
+        if self._wsgi_pgconn_begin is not None:
+            return False
+        return bool(self._autocommit)
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        self.set_autocommit(value)
+
+    def __enter__(self) -> Any:
+        if self._wsgi_pgconn_begin is not None:
+            self._wsgi_pgconn_refuse("'with connection:'")
+        return super().__enter__()
+
+    commit = _refusing("commit")
+    rollback = _refusing("rollback")
+    close = _refusing("close")
+    set_autocommit = _refusing("set_autocommit")
+    set_isolation_level = _refusing("set_isolation_level")
+    set_read_only = _refusing("set_read_only")
+    set_deferrable = _refusing("set_deferrable")
+    tpc_begin = _refusing("tpc_begin")
+    isolation_level = _refusing_setter("isolation_level")
+    read_only = _refusing_setter("read_only")
+    deferrable = _refusing_setter("deferrable")
+
+
+def _count_notice(ref: weakref.ref[ManagedConnection], diagnostic: object) -> None:
+    conn = ref()
+    if conn is not None:
+        conn._wsgi_pgconn_notices += 1
+
+
+# -- the seam ------------------------------------------------------------------------------
+
+
+def parse_conninfo(conninfo: str) -> dict[str, str]:
+    return {key: str(value) for key, value in psycopg.conninfo.conninfo_to_dict(conninfo).items()}
+
+
+def make_conninfo(conninfo: str = "", **params: str) -> str:
+    return psycopg.conninfo.make_conninfo(conninfo, **params)
+
+
+def connect(
+    conninfo: str, settings: Settings, configure: Callable[[Any], object] | None
+) -> ManagedConnection:
+    conn = ManagedConnection.connect(
+        conninfo, autocommit=True, prepare_threshold=settings.prepare_threshold
+    )
+    try:
+        conn._wsgi_pgconn_bbegin = tuple(s.encode() for s in begin_statements(settings))
+        conn._wsgi_pgconn_pipeline = settings.pipeline_begin and psycopg.Pipeline.is_supported()
+        conn._wsgi_pgconn_recording = settings.retries > 0
+        conn.cursor_factory = conn.cursor_factory  # again, now that recording is known
+        conn.server_cursor_factory = conn.server_cursor_factory
+        conn.add_notice_handler(functools.partial(_count_notice, weakref.ref(conn)))
+        setup(conn, settings, configure)
+    except BaseException:
+        _Base.close(conn)
+        raise
+    return conn
+
+
+def setup(
+    conn: ManagedConnection, settings: Settings, configure: Callable[[Any], object] | None
+) -> None:
+    if configure is not None:
+        configure(conn)
+        # Whatever the hook left open is committed: its session settings persist.
+        if conn.pgconn.transaction_status != IDLE:
+            _Base.commit(conn)
+        if not conn._autocommit:
+            _Base.set_autocommit(conn, True)
+
+
+def transaction_status(conn: Any) -> int:
+    return conn.pgconn.transaction_status  # type: ignore[no-any-return]
+
+
+def is_closed(conn: Any) -> bool:
+    return bool(conn.closed)
+
+
+def backend_pid(conn: Any) -> int:
+    return conn.pgconn.backend_pid  # type: ignore[no-any-return]
+
+
+def fileno(conn: Any) -> int:
+    return conn.pgconn.socket  # type: ignore[no-any-return]
+
+
+def parameter_status(conn: Any, name: str) -> str | None:
+    value: str | None = conn.info.parameter_status(name)
+    return value
+
+
+def drain(conn: Any) -> bool:
+    """Read what arrived on an idle connection; False if the backend is gone.
+
+    A NOTIFY is harmless (psycopg keeps it for ``conn.notifies()``). A
+    terminated backend sends an error (FATAL, which libpq files as a notice
+    on an idle connection) and then closes: any new notice means dead.
+    """
+    pgconn = conn.pgconn
+    seen = conn._wsgi_pgconn_notices
+    try:
+        pgconn.consume_input()
+        pgconn.is_busy()  # parses what arrived: notices reach the handler
+    except psycopg.Error:
+        return False
+    alive: bool = conn._wsgi_pgconn_notices == seen and pgconn.status != _BAD
+    return alive
+
+
+begin = _begin_now
+
+
+def use_adapters(conn: Any, adapters: Any) -> None:
+    # What psycopg.Connection.connect(context=...) does with a context's adapters.
+    conn._adapters = psycopg.adapt.AdaptersMap(adapters)
+
+
+def jsonb_as_text(conn: Any) -> None:
+    from psycopg.types.string import TextLoader
+
+    conn.adapters.register_loader("jsonb", TextLoader)
+
+
+def commit(conn: Any) -> None:
+    _Base.commit(conn)
+
+
+def rollback(conn: Any) -> None:
+    _Base.rollback(conn)
+
+
+def _execute_plain(conn: Any, statements: Iterable[tuple[str, Any]]) -> None:
+    begin = conn.__dict__.pop("_wsgi_pgconn_begin", None)  # no BEGIN for these
+    try:
+        cur = psycopg.ClientCursor(conn)
+        try:
+            for statement, params in statements:
+                cur.execute(statement, params)
+        finally:
+            cur.close()
+    finally:
+        if begin is not None:
+            conn._wsgi_pgconn_begin = begin
+
+
+def execute_outside_transaction(conn: Any, statements: Iterable[tuple[str, Any]]) -> None:
+    manual = not conn._autocommit
+    if manual:  # a plain psycopg connection (the Django adapter's own)
+        _Base.set_autocommit(conn, True)
+    try:
+        _execute_plain(conn, statements)
+    finally:
+        if manual and not conn.closed:
+            _Base.set_autocommit(conn, False)
+
+
+def execute_in_transaction(conn: Any, statements: Iterable[tuple[str, Any]]) -> None:
+    _execute_plain(conn, statements)
+
+
+def clear_notices(conn: Any) -> None:
+    pass  # psycopg hands notices to handlers; none are kept
+
+
+def cancel(conn: Any) -> None:
+    conn.cancel_safe(timeout=5.0)
+
+
+def close(conn: Any) -> None:
+    _Base.close(conn)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    code = getattr(exc, "sqlstate", None)
+    return code if isinstance(code, str) else None

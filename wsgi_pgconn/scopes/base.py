@@ -1,0 +1,370 @@
+"""What every scope shares: opening, checking, resetting and closing connections.
+
+A connection is checked at checkout in this order, cheapest first; the first
+failing test discards it (the reason is counted and logged):
+
+``forked``
+    opened by another process (we are a forked child): never used, never closed.
+``retired``
+    opened before a request found the server read-only (a failover): every
+    such connection is replaced, not just re-checked.
+``dead``
+    closed, or its socket is readable while idle (a terminated backend or a
+    restarted server sends a message and closes; a healthy idle connection
+    receives nothing), or a round-trip check failed.
+``too_old`` / ``idle_too_long``
+    past ``max_age`` (minus up to 10% jitter) or idle longer than ``max_idle``.
+``broken``
+    left in a transaction or an unknown state.
+
+A connection that breaks during a request makes the others suspect: the
+registry's generation moves on, and a connection opened in an earlier
+generation gets one round-trip check at its next checkout.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import random
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .. import connection as _connection
+from ..config import Settings
+from ..drivers import IDLE, INERROR, INTRANS, Driver
+from ..errors import first_line
+
+__all__ = ["DISCARD_REASONS", "PooledConnection", "Registry", "Stats"]
+
+logger = logging.getLogger("wsgi_pgconn")
+
+DISCARD_REASONS = ("dead", "too_old", "idle_too_long", "forked", "broken", "retired")
+
+# Bumped in a forked child. A connection remembers the epoch (and pid) it was
+# opened in; one from an earlier epoch belongs to the parent.
+_fork_epoch = 0
+# Connections inherited by a forked child. Closing one would send Terminate on
+# the socket the parent still uses, and so would garbage collection: keep them.
+_inherited: list[object] = []
+_registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+_make_poll = select.poll
+
+
+class PooledConnection:
+    """A live connection and what the registry knows about it."""
+
+    __slots__ = (
+        "backend_pid",
+        "commits",
+        "conn",
+        "epoch",
+        "expires_at",
+        "generation",
+        "in_use",
+        "last_used",
+        "opened_at",
+        "pid",
+        "poller",
+        "rollbacks",
+        "uses",
+    )
+
+    def __init__(
+        self, conn: Any, backend_pid: int, fileno: int, generation: int, max_age: float | None
+    ) -> None:
+        now = time.monotonic()
+        self.conn = conn
+        self.pid = os.getpid()
+        self.epoch = _fork_epoch
+        self.generation = generation
+        self.opened_at = now
+        self.last_used = now
+        # Up to 10% earlier, so a process's connections don't all reconnect at once.
+        self.expires_at = None if max_age is None else now + max_age * (1 - 0.1 * random.random())  # noqa: S311
+        self.in_use = False
+        # Counted by whoever holds the connection (no lock); summed by stats().
+        self.uses = 0  # checkouts after the first
+        self.commits = 0
+        self.rollbacks = 0
+        self.backend_pid = backend_pid
+        self.poller = _make_poll()
+        self.poller.register(fileno, select.POLLIN)
+
+
+class Stats:
+    """Counters of rare events, shared by a registry and its middleware (see Registry.stats).
+
+    The per-request counts (reused, commits, rollbacks) are kept on each
+    :class:`PooledConnection` by its holder, without a lock, and added here
+    when it leaves the registry.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, float] = dict.fromkeys(
+            (
+                "opened",
+                "reused",
+                "connect_errors",
+                "commits",
+                "rollbacks",
+                "vetoes",
+                "commit_errors",
+                "retries",
+                "pool_waits",
+                "pool_wait_seconds",
+                "pool_timeouts",
+            ),
+            0,
+        )
+        self.discarded: dict[str, int] = dict.fromkeys(DISCARD_REASONS, 0)
+
+    def incr(self, key: str, amount: float = 1) -> None:
+        with self._lock:
+            self.counts[key] += amount
+
+    def discard(self, reason: str | None, rec: PooledConnection) -> None:
+        """``rec`` left the registry (``reason`` None: closed at thread end or exit)."""
+        with self._lock:
+            if reason is not None:
+                self.discarded[reason] += 1
+            counts = self.counts
+            counts["reused"] += rec.uses
+            counts["commits"] += rec.commits
+            counts["rollbacks"] += rec.rollbacks
+
+
+class Registry:
+    """Opens, checks, resets and closes connections; subclasses decide who gets which."""
+
+    scope = ""
+
+    def __init__(
+        self,
+        settings: Settings,
+        driver: Driver,
+        *,
+        configure: Callable[[Any], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.driver = driver
+        self._configure = configure
+        self._conninfo = _connection.connect_params(settings, os.environ, driver)
+        #: The statements that begin a request's transaction (see drivers.ManagedState).
+        self.begin = _connection.begin_statements(settings)
+        self._generation = 0
+        self._retire_below = 0
+        self._idle_check = settings.check == "socket"
+        self._status = driver.transaction_status
+        self._timed = settings.max_age is not None or settings.max_idle is not None
+        self.stats_counter = Stats()
+        self._init_state()
+        _registries.add(self)
+        _subscribe_shutdown()
+
+    # -- what subclasses provide ---------------------------------------------
+
+    def _init_state(self) -> None:
+        """(Re)create per-process state: called at construction and in a forked child."""
+        raise NotImplementedError
+
+    def checkout(self) -> PooledConnection:
+        """A usable connection, reserved for the caller until :meth:`checkin`."""
+        raise NotImplementedError
+
+    def checkin(self, rec: PooledConnection, *, used: bool) -> None:
+        """Give back a connection; ``used`` says whether the request ran a transaction."""
+        raise NotImplementedError
+
+    def _records(self) -> list[PooledConnection]:
+        """Every connection this registry holds (for stats and close_all)."""
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Drop every record without closing (used after fork and by close_all)."""
+        raise NotImplementedError
+
+    # -- shared mechanics ------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters; the keys are documented in README.md."""
+        counter = self.stats_counter
+        records = self._records()
+        with counter._lock:
+            result: dict[str, Any] = dict(counter.counts)
+            result["discarded"] = dict(counter.discarded)
+        for rec in records:
+            result["reused"] += rec.uses
+            result["commits"] += rec.commits
+            result["rollbacks"] += rec.rollbacks
+        in_use = sum(1 for rec in records if rec.in_use)
+        result.update(
+            scope=self.scope,
+            driver=self.driver.name,
+            generation=self._generation,
+            in_use=in_use,
+            idle=len(records) - in_use,
+        )
+        return result
+
+    def suspect_all(self) -> None:
+        """A connection broke: re-check every connection opened before now."""
+        self._generation += 1
+
+    def retire_all(self) -> None:
+        """The server turned read-only (failover): replace every connection opened before now."""
+        self._generation += 1
+        self._retire_below = self._generation
+
+    def _open(self) -> PooledConnection:
+        driver = self.driver
+        try:
+            conn = driver.connect(self._conninfo, self.settings, self._configure)
+        except driver.OperationalError as exc:
+            self.stats_counter.incr("connect_errors")
+            logger.warning("cannot connect to PostgreSQL: %s", first_line(exc))
+            raise
+        rec = PooledConnection(
+            conn,
+            driver.backend_pid(conn),
+            driver.fileno(conn),
+            self._generation,
+            self.settings.max_age,
+        )
+        self.stats_counter.incr("opened")
+        logger.debug("opened connection, backend pid %s", rec.backend_pid)
+        return rec
+
+    def _unusable(self, rec: PooledConnection) -> str | None:
+        """Why ``rec`` must not serve a request, or None. No round trip unless suspect."""
+        if rec.epoch != _fork_epoch or rec.pid != os.getpid():
+            # The pid too: uWSGI forks in C without running os.register_at_fork hooks.
+            return "forked"
+        if rec.generation < self._retire_below:
+            return "retired"
+        conn = rec.conn
+        if conn.closed:
+            return "dead"
+        if self._timed:
+            now = time.monotonic()
+            if rec.expires_at is not None and now >= rec.expires_at:
+                return "too_old"
+            max_idle = self.settings.max_idle
+            if max_idle is not None and now - rec.last_used > max_idle:
+                return "idle_too_long"
+        if self._status(conn) != IDLE:
+            return "broken"
+        if rec.poller.poll(0) and not (self.driver.drain(conn) and not rec.poller.poll(0)):
+            return "dead"
+        if rec.generation < self._generation or not self._idle_check:
+            try:
+                self.driver.execute_outside_transaction(conn, [("SELECT 1", None)])
+            except self.driver.Error:
+                return "dead"
+            rec.generation = self._generation
+        return None
+
+    def _discard(self, rec: PooledConnection, reason: str) -> None:
+        self.stats_counter.discard(reason, rec)
+        level = logging.DEBUG if reason in ("too_old", "idle_too_long") else logging.WARNING
+        logger.log(level, "discarding connection to backend pid %s: %s", rec.backend_pid, reason)
+        self._close_quietly(rec)
+
+    def _reset(self, rec: PooledConnection, used: bool) -> str | None:
+        """Make ``rec`` ready for the next request; the reason to discard it instead, or None."""
+        conn = rec.conn
+        if conn.closed:
+            self.suspect_all()
+            return "broken"
+        if rec.generation < self._retire_below:
+            return "retired"
+        driver = self.driver
+        status = self._status(conn)
+        try:
+            if status != IDLE:
+                if status not in (INTRANS, INERROR):
+                    return "broken"
+                logger.warning(
+                    "rolling back a transaction left open on backend pid %s", rec.backend_pid
+                )
+                driver.rollback(conn)
+            if used and self.settings.reset == "discard":
+                driver.execute_outside_transaction(conn, [("DISCARD ALL", None)])
+                driver.setup(conn, self.settings, self._configure)
+        except driver.Error as exc:
+            logger.warning(
+                "resetting connection to backend pid %s failed: %s",
+                rec.backend_pid,
+                first_line(exc),
+            )
+            if conn.closed:
+                self.suspect_all()
+            return "broken"
+        if self._timed:
+            rec.last_used = time.monotonic()
+        return None
+
+    def _close_quietly(self, rec: PooledConnection) -> None:
+        if rec.pid != os.getpid():
+            # Inherited through fork(): closing would send Terminate on the
+            # parent's socket, and so would garbage collection. Keep it.
+            _inherited.append(rec.conn)
+            return
+        try:
+            self.driver.close(rec.conn)
+        except Exception as exc:  # a dead socket must not stop the caller's cleanup
+            logger.debug("closing backend pid %s failed: %s", rec.backend_pid, exc)
+
+    def close_all(self) -> None:
+        """Close every connection this process opened (at exit); inherited ones are kept."""
+        records = self._records()
+        self._forget()
+        for rec in records:
+            self.stats_counter.discard(None, rec)
+            self._close_quietly(rec)
+
+
+def _after_fork_in_child() -> None:
+    global _fork_epoch
+    _fork_epoch += 1
+    for registry in list(_registries):
+        # Keep the parent's records referenced (without taking locks, which a
+        # thread that no longer exists may hold), then start afresh.
+        _inherited.append(dict(vars(registry)))
+        registry._init_state()
+        registry.stats_counter = Stats()
+
+
+def close_all_registries(*_args: object, **_kwargs: object) -> None:
+    """Close the connections of every registry of this process (at exit)."""
+    for registry in list(_registries):
+        registry.close_all()
+
+
+_shutdown_subscribed = False
+
+
+def _subscribe_shutdown() -> None:
+    """Close connections cleanly when the process exits (atexit; mod_wsgi's shutdown event)."""
+    global _shutdown_subscribed
+    if _shutdown_subscribed:
+        return
+    _shutdown_subscribed = True
+    atexit.register(close_all_registries)
+    try:
+        import mod_wsgi  # type: ignore[import-not-found]  # only inside mod_wsgi
+    except ImportError:
+        return
+    subscribe = getattr(mod_wsgi, "subscribe_shutdown", None)
+    if subscribe is not None:
+        subscribe(close_all_registries)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
