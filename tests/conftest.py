@@ -9,7 +9,14 @@ throwaway cluster). With neither, the run fails and says how to provide one.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+
+# The driver of this run (WSGI_PGCONN_DRIVER, default auto). With psycopg2 the
+# suite runs as on a machine without psycopg 3: importing it fails, and
+# Django's backend falls back to psycopg2 as it would there.
+if os.environ.get("WSGI_PGCONN_DRIVER") == "psycopg2":
+    sys.modules["psycopg"] = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterator
 from typing import Any
 

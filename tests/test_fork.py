@@ -36,7 +36,7 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
     wait_backends_gone,
 )
 
-from wsgi_pgconn import registry as _registry
+from wsgi_pgconn import scopes as _registry
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -92,7 +92,7 @@ def child_serves(outer: Any, mw: Any, n: int = 3) -> Callable[[], dict[str, Any]
         pids = [int(call(outer).body) for _ in range(n)]
         stats = mw.stats()
         gc.collect()  # the parent's connection objects must survive collection here
-        _registry._close_all_registries()  # what atexit would do at a normal exit
+        _registry.close_all_registries()  # what atexit would do at a normal exit
         return {"pids": pids, "opened": stats["opened"], "forked": stats["discarded"]["forked"]}
 
     return work

@@ -176,25 +176,6 @@ def run_probe(tmp_path: Path, *extra_path: Path) -> subprocess.CompletedProcess[
     )
 
 
-def test_the_backend_refuses_to_run_when_psycopg3_is_importable(tmp_path: Path) -> None:
-    # Without psycopg 3 the backend loads ...
-    plain = run_probe(tmp_path)
-    assert plain.returncode == 0, plain.stderr
-    assert plain.stdout.strip() == "loaded postgresql wsgi_pgconn.django.base"
-
-    # ... with a module named psycopg on the path, which Django's postgresql
-    # backend would import in preference to psycopg2, it refuses.
-    fake = tmp_path / "site"
-    (fake / "psycopg").mkdir(parents=True)
-    (fake / "psycopg" / "__init__.py").write_text('__version__ = "3.2.9"\n')
-    refused = run_probe(tmp_path, fake)
-    assert refused.returncode == 1
-    assert (
-        "django.core.exceptions.ImproperlyConfigured: wsgi_pgconn.django runs on psycopg2, "
-        "but psycopg (version 3) is importable" in refused.stderr
-    )
-
-
 # -- building the middleware ---------------------------------------------------------------
 
 

@@ -164,7 +164,14 @@ CASES = [
         "blocked",
         kept_ok=frozenset(),
     ),
-    Case("with conn", "with conn: ... (commits on exit)", _then(_with_conn), "blocked", "blocked"),
+    Case(
+        "with conn",
+        "with conn: ... (commits on exit)",
+        _then(_with_conn),
+        "blocked",
+        "blocked",
+        kept_blocked=frozenset(),  # refused on entry, before the write
+    ),
     Case(
         "tpc_begin()",
         "conn.tpc_begin(xid)",
