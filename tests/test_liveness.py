@@ -18,8 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg2
-import psycopg2.errors
+import dbapi
 import pytest
 from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest fixtures
     WAIT,
@@ -27,6 +26,7 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
     backends,
     call,
     clean_env_fixture,
+    deadline_poll,
     get_connection,
     idle_in_transaction,
     log_records,
@@ -198,7 +198,7 @@ def breaking_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-    except psycopg2.OperationalError:
+    except dbapi.OperationalError:
         start_response("500 Internal Server Error", HDRS, sys.exc_info())
         return [b"database went away"]
     start_response("200 OK", HDRS)
@@ -247,7 +247,7 @@ def test_connection_broken_by_uncaught_error_is_discarded(make_mw: Any, admin: A
     outer, mw = stack(make_mw, app)
     client = webtest.TestApp(outer)
     first = client.get("/").text
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(dbapi.OperationalError):
         client.get("/die")
     assert client.get("/").text != first
     stats = mw.stats()
@@ -417,10 +417,10 @@ def test_server_settings_are_startup_options_not_per_request_statements(
 
 def test_statement_timeout_applies(make_mw: Any, admin: Any) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        options = get_connection(environ).get_dsn_parameters().get("options", "")
+        options = dbapi.dsn_parameters(get_connection(environ)).get("options", "")
         try:
             query(get_connection(environ), "SELECT pg_sleep(5)")
-        except psycopg2.errors.QueryCanceled:
+        except dbapi.errors.QueryCanceled:
             start_response("504 Gateway Timeout", HDRS, sys.exc_info())
             return [options.encode()]
         start_response("200 OK", HDRS)
@@ -431,6 +431,34 @@ def test_statement_timeout_applies(make_mw: Any, admin: Any) -> None:
     assert res.status_int == 504
     assert "-c statement_timeout=100" in res.text
     assert idle_in_transaction(admin) == []
+
+
+@pytest.mark.parametrize("pooler", ["none", "transaction"])
+def test_idle_in_transaction_timeout_ends_a_request_stuck_after_its_first_statement(
+    make_mw: Any, admin: Any, pooler: str
+) -> None:
+    # The first statement carries BEGIN (psycopg 3: in a pipeline); the server's
+    # idle-in-transaction timer must still be armed after it.
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        conn = get_connection(environ)
+        ((pid,),) = query(conn, "SELECT pg_backend_pid()")
+        deadline_poll(
+            lambda: not query(admin, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid),
+            "the server ends the idle transaction",
+        )
+        try:
+            query(conn, "SELECT 1")
+        except dbapi.Error as exc:  # psycopg: 25P03 (InternalError); psycopg2: connection lost
+            start_response("503 Service Unavailable", HDRS)
+            return [str(dbapi.sqlstate(exc)).encode()]
+        start_response("200 OK", HDRS)
+        return [b"survived"]
+
+    outer, mw = stack(make_mw, app, idle_in_transaction_timeout=100, pooler=pooler)
+    res = webtest.TestApp(outer).get("/", expect_errors=True)
+    assert res.status_int == 503
+    assert res.text in ("25P03", "None")  # the FATAL's SQLSTATE, when the driver saw it
+    assert mw.stats()["discarded"]["broken"] == 1
 
 
 def test_default_application_name(make_mw: Any, pg: Any, test_db: str) -> None:
@@ -444,7 +472,7 @@ def test_application_name_from_the_dsn_is_kept(make_mw: Any, app_name: str) -> N
 
 
 def dsn_params_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    params = get_connection(environ).get_dsn_parameters()
+    params = dbapi.dsn_parameters(get_connection(environ))
     body = " ".join(f"{k}={v}" for k, v in sorted(params.items())).encode()
     start_response("200 OK", HDRS)
     return [body]

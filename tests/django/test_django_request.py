@@ -19,6 +19,7 @@ import psycopg2.extensions
 import pytest
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, connection, connections
+from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.backends.signals import connection_created
 from djtest_app import views
 from djtest_helpers import keys, new_key, query
@@ -56,7 +57,7 @@ def test_orm_and_raw_sql_commit_together_on_one_connection(
     assert body["in_atomic_block"] is True
     assert body["autocommit"] is False
     assert body["in_request"] is True
-    # psycopg2's jsonb loader is Django's on the middleware's connection too.
+    # Django's jsonb loader is on the middleware's connection too.
     assert body["data"] == {"list": [1, 2], "text": "é"}
     assert keys(djadmin, key) == [key, key + "-raw"]
     assert app.app.stats()["commits"] == 1
@@ -399,7 +400,7 @@ def test_the_isolation_level_of_the_settings_applies_unless_given(
     make_app: App, kwargs: dict[str, str], expected: str
 ) -> None:
     options = connections["default"].settings_dict["OPTIONS"]
-    options["isolation_level"] = psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE
+    options["isolation_level"] = IsolationLevel.SERIALIZABLE
     try:
         body = make_app(**kwargs).get(f"/session/{new_key()}").json
     finally:

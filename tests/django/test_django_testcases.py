@@ -17,7 +17,7 @@ from djtest_app import views
 from djtest_app.models import Item
 from djtest_helpers import TestApp, new_key
 
-from wsgi_pgconn.django import DjangoPgConnMiddleware
+from wsgi_pgconn.django import DjangoPgConnMiddleware, database_dsn
 
 
 def own_pid() -> int:
@@ -94,9 +94,7 @@ class FullStackTestCase(TestCase):
         self.addCleanup(self.delete_committed)
 
     def dsn(self) -> str:
-        params = connection.get_connection_params()
-        params.pop("cursor_factory")
-        return psycopg2.extensions.make_dsn(**{k: str(v) for k, v in params.items()})
+        return database_dsn(connection.alias)
 
     def delete_committed(self) -> None:
         conn = psycopg2.connect(self.dsn())

@@ -216,7 +216,7 @@ def _discard_app(side: kit.Side) -> Any:
                 "coalesce(current_setting('app.configured', true), ''), current_user"
             )
             side.events["state:" + key] = cur.fetchone()  # type: ignore[assignment]
-            cur.execute("SET app.leak = %s", (key,))
+            cur.execute("SELECT set_config('app.leak', %s, false)", (key,))
             cur.execute("SET statement_timeout = '77s'")
             cur.execute("SET search_path = pg_catalog, public")
         fail = environ["PATH_INFO"] == "/set-and-fail"
@@ -314,7 +314,7 @@ def test_discard_after_sql_commit(make_mw: Any, dsn: str) -> None:
             cur.execute("SELECT coalesce(current_setting('app.leak', true), '')")
             side.events["state:" + key] = cur.fetchone()[0]  # type: ignore[assignment,index]
             cur.execute("COMMIT")
-            cur.execute("SET app.leak = %s", (key,))
+            cur.execute("SELECT set_config('app.leak', %s, false)", (key,))
         start_response("200 OK", [("Content-Length", "0")])
         return [b""]
 

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
-import psycopg2
-from psycopg2 import sql
+import dbapi
 
 from wsgi_pgconn import get_connection
+
+sql = dbapi.module.sql
 
 App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -237,11 +238,11 @@ def write_app(table: str, *, catch: bool = False, barrier: threading.Barrier | N
                 cur.execute(insert, (key,))
                 cur.execute("SELECT current_setting('port')")
                 port = (cur.fetchone() or ("?",))[0]
-        except psycopg2.Error as exc:
+        except dbapi.Error as exc:
             if not (catch or "catch" in args):
                 raise
             start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
-            return [f"database error {exc.pgcode}".encode()]
+            return [f"database error {dbapi.sqlstate(exc)}".encode()]
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [str(port).encode()]
 

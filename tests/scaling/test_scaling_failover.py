@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
-import psycopg2
-import psycopg2.errors
+import dbapi
 import pytest
 from psycopg2.extensions import make_dsn
 from scaling_servers import LOOPBACK, Node, poll, query
@@ -198,7 +197,7 @@ def test_read_only_server_retires_every_connection(pair: Pair, make_mw: MakeMw) 
     pair.wait_standby_caught_up()
     pair.standby.promote()
     failed = call(mw, "/", "k=meets-read-only")
-    assert isinstance(failed.error, psycopg2.errors.ReadOnlySqlTransaction), failed
+    assert isinstance(failed.error, dbapi.errors.ReadOnlySqlTransaction), failed
     assert concurrently("second") == [standby] * 4
     stats = mw.stats()
     assert (stats["discarded"]["retired"], stats["opened"]) == (4, 8), stats
@@ -354,7 +353,7 @@ def test_planned_switchover_under_load(pair: Pair, make_mw: MakeMw) -> None:
     check_ledger(pair, load, in_doubt=lambda o: False)
     failures = [o for o in load.outcomes if not o.ok]
     read_only = [
-        o for o in failures if isinstance(o.response.error, psycopg2.errors.ReadOnlySqlTransaction)
+        o for o in failures if isinstance(o.response.error, dbapi.errors.ReadOnlySqlTransaction)
     ]
     # One 25006 per connection at most, and only for requests in flight at the fence:
     # the others were retired, not retried on the old primary.
@@ -383,7 +382,7 @@ def test_failover_when_the_primary_stops(pair: Pair, make_mw: MakeMw) -> None:
     print("[scaling] failover steps:", {k: round(1000 * v, 1) for k, v in steps.items()})
 
     def broke_in_flight(o: Outcome) -> bool:
-        return isinstance(o.response.error, psycopg2.OperationalError) or o.response.code == 500
+        return isinstance(o.response.error, dbapi.OperationalError) or o.response.code == 500
 
     doubtful = check_ledger(pair, load, in_doubt=broke_in_flight)
     print(f"[scaling] failed but committed (connection lost during COMMIT): {doubtful}")

@@ -91,7 +91,7 @@ def test_streaming_failure_rolls_back(matrix: PgConnMiddleware, admin: Any, tabl
 
 
 def test_isolation_level_reaches_the_server(pooled: Target, make_mw: MakeMw, table: str) -> None:
-    """psycopg2 sends the isolation level with every BEGIN: it survives transaction pooling."""
+    """The isolation level travels with every BEGIN: it survives transaction pooling."""
     mw = make_mw(
         matrix_app(table), dsn=pooled.dsn, pooler=pooled.pooler, isolation_level="serializable"
     )

@@ -14,9 +14,10 @@ While a request holds the connection, ``conn.transaction()`` blocks are
 savepoints of the request's transaction, and ``commit()``, ``rollback()``,
 ``close()``, ``with conn:`` and the session characteristics are refused.
 
-This module uses three of psycopg's internal methods (``_start_query``,
-``_exec_command`` and the ``_pipeline`` attribute), present from psycopg 3.1
-to 3.3; the test suite fails if they change.
+This module uses some of psycopg's internals (``Connection._start_query``,
+``_exec_command``, the ``_pipeline`` attribute, ``Pipeline._enter_gen``,
+``_sync_gen`` and ``_exit``), present from psycopg 3.1 to 3.3; the test suite
+fails if they change.
 """
 
 from __future__ import annotations
@@ -85,6 +86,38 @@ def _begin_now(conn: ManagedConnection) -> None:
                 conn.wait(conn._start_query())
 
 
+def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
+    """Run ``run()`` (one statement) in a pipeline, after the BEGIN it queues: one round trip.
+
+    Unlike psycopg's own ``pipeline()`` block, the pipeline ends with a Sync
+    alone: psycopg follows it with a Flush, after which PostgreSQL leaves
+    ``idle_in_transaction_session_timeout`` disarmed until the next statement,
+    and a request stuck after its first statement would never be ended by it.
+    """
+    pipeline = psycopg.Pipeline(conn)
+    with conn.lock:
+        conn._pipeline = pipeline
+        conn.wait(pipeline._enter_gen())
+    conn._wsgi_pgconn_own_pipeline = True
+    error: BaseException | None = None
+    try:
+        run()
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        conn._wsgi_pgconn_own_pipeline = False
+        try:
+            with conn.lock:
+                conn.wait(pipeline._sync_gen())
+        except Exception:
+            if error is None:
+                raise
+        finally:
+            pipeline._exit(error)
+            conn._pipeline = None
+
+
 class _Cursor:
     """Mixed in below every client-side cursor class of a managed connection."""
 
@@ -103,8 +136,7 @@ class _Cursor:
                 and conn._pipeline is None
             ):
                 # BEGIN and the statement in one pipeline: one round trip.
-                with conn.pipeline():
-                    super().execute(query, params, **kwargs)  # type: ignore[misc]
+                _pipelined(conn, lambda: super(_Cursor, self).execute(query, params, **kwargs))  # type: ignore[misc]
                 return self
         return super().execute(query, params, **kwargs)  # type: ignore[misc]
 
@@ -224,6 +256,7 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
     """
 
     _wsgi_pgconn_bbegin: tuple[bytes, ...] = ()
+    _wsgi_pgconn_own_pipeline = False
     _wsgi_pgconn_recording = False
     _wsgi_pgconn_notices = 0
 
@@ -241,8 +274,9 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
             for statement in self._wsgi_pgconn_bbegin:
                 yield from self._exec_command(statement)
             pipeline = self._pipeline
-            if pipeline is not None:
-                # Send them now (no waiting for results): the statement follows.
+            if pipeline is not None and not self._wsgi_pgconn_own_pipeline:
+                # The application's pipeline: send them now (no waiting for
+                # results), so that its next statement does not begin again.
                 yield from pipeline._communicate_gen()
             return
         yield from super()._start_query()
