@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import config as _config
 from . import drivers
+from . import transaction as _transaction
+from .drivers import IDLE
 from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout
 from .scopes import REGISTRIES, PooledConnection, Registry
 from .transaction import (
+    _NO_ENVIRON,
     Body,
     CommitVeto,
     RequestTransaction,
@@ -294,7 +297,8 @@ class PgConnMiddleware:
         txn = RequestTransaction(self, rec, environ)
         environ[CONNECTION_KEY] = conn
         environ[TRANSACTION_KEY] = txn
-        txn._token = _current.set(weakref.ref(txn))
+        if _transaction._publishing:
+            txn._token = _current.set(weakref.ref(txn))
         result: Iterable[bytes] | None = None
         iterator: Iterator[bytes] | None = None
         first: list[bytes] = []
@@ -314,7 +318,15 @@ class PgConnMiddleware:
                         raise RuntimeError(
                             "the WSGI application returned without calling start_response"
                         ) from None
-            error = txn.finish(completed=True)
+            if (
+                self._status(conn) == IDLE
+                and not conn._wsgi_pgconn_began
+                and txn._after_commit is None
+                and txn._after_rollback is None
+            ):
+                error = None  # nothing was begun: nothing to end
+            else:
+                error = txn.finish(completed=True)
         except BaseException as exc:
             code = self.driver.sqlstate(exc) or _cause_sqlstate(self.driver, exc)
             if code is not None:
@@ -345,17 +357,26 @@ class PgConnMiddleware:
                 [],
             )
         try:
-            txn.server_write = start_response(txn.status, txn.headers, txn.exc_info)
-            txn.started = True
+            write = start_response(txn.status, txn.headers, txn.exc_info)
         except BaseException:
             self._abort(txn, result)
             raise
         if iterator is None and type(result) in _SIMPLE_BODY:
             # The body is complete: nothing more can touch the database.
-            txn.release()
+            if txn.used or txn._token is not None or self._registry.debug:  # type: ignore[union-attr]
+                txn.release()
+            else:  # RequestTransaction.release for a request that ran no transaction
+                txn._rec = None
+                txn.environ = _NO_ENVIRON
+                conn._wsgi_pgconn_begin = None
+                if self.on_begin is not None:
+                    conn._wsgi_pgconn_on_begin = None
+                self._registry.checkin(rec, False)  # type: ignore[union-attr]
             if txn.buffer:
                 return [*txn.buffer, *result]
             return result
+        txn.server_write = write
+        txn.started = True
         return Body(txn, result, iterator, first)
 
     def _abort(

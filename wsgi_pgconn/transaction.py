@@ -33,6 +33,7 @@ __all__ = [
     "TransactionFailed",
     "current_transaction",
     "default_commit_veto",
+    "publish_context",
     "should_commit",
 ]
 
@@ -44,18 +45,43 @@ READ_ONLY = "25006"
 CommitVeto = Callable[[dict[str, Any], str, list[tuple[str, str]]], bool]
 
 # Weak: a response the server never closes must stay collectable, so that
-# RequestTransaction.__del__ can roll it back and release its connection.
+# Body.__del__ can roll it back and release its connection.
 _current: contextvars.ContextVar[weakref.ref[RequestTransaction] | None] = contextvars.ContextVar(
     "wsgi_pgconn_transaction", default=None
 )
+#: Whether requests publish their transaction in :data:`_current` (see publish_context).
+_publishing = False
+_NO_ENVIRON: dict[str, Any] = {}
 
 
 class TransactionFailed(PgConnError):
     """The request's transaction had failed although the application answered success."""
 
 
+def publish_context() -> None:
+    """Have every request make its transaction known to :func:`current_transaction`.
+
+    Costs a context variable set and reset per request, so it is off until
+    something needs it: the Django, SQLAlchemy and Flask adapters call this
+    when they are imported. Call it at start-up (before requests run) to use
+    :func:`current_transaction` from your own code.
+    """
+    global _publishing
+    _publishing = True
+
+
 def current_transaction() -> RequestTransaction | None:
-    """The transaction of the request running in this context, or None outside requests."""
+    """The transaction of the request running in this context, or None outside requests.
+
+    Raises RuntimeError unless :func:`publish_context` was called (an adapter
+    was imported): without it, requests do not publish their transaction.
+    """
+    if not _publishing:
+        raise RuntimeError(
+            "current_transaction() needs wsgi_pgconn.transaction.publish_context() to be "
+            "called at start-up (importing the Django, SQLAlchemy or Flask adapter does it); "
+            "inside a request, environ['wsgi_pgconn.transaction'] is the same object"
+        )
     ref = _current.get()
     return None if ref is None else ref()
 
@@ -71,20 +97,26 @@ def default_commit_veto(
     return status[:1] == "5"
 
 
-def should_commit(
-    failed: bool, exc_info: OptExcInfo | None, vetoed: Callable[[], bool]
-) -> bool:
+def should_commit(txn: RequestTransaction) -> bool:
     """The commit-or-abort decision, top to bottom.
 
     Roll back if the application raised (or its body iteration did), if it
     passed ``exc_info`` to ``start_response``, or if the veto says so (by
-    default: a 5xx status). Otherwise commit.
+    default: a 5xx status; a vetoed commit is counted). Otherwise commit.
     """
-    if failed:
+    if txn.failed:
         return False
-    if exc_info is not None:
+    if txn.exc_info is not None:
         return False
-    return not vetoed()
+    veto = txn._mw.commit_veto
+    if veto is default_commit_veto:
+        vetoed = txn.status[:1] == "5"  # type: ignore[index]
+    else:
+        vetoed = bool(veto(txn.environ, txn.status, txn.headers))  # type: ignore[arg-type]
+    if vetoed:
+        txn._mw._count("vetoes")
+        return False
+    return True
 
 
 class RequestTransaction:
@@ -122,6 +154,8 @@ class RequestTransaction:
     _after_commit: list[Callable[[], object]] | None = None
     _after_rollback: list[Callable[[], object]] | None = None
     _token: contextvars.Token[weakref.ref[RequestTransaction] | None] | None = None
+
+    __slots__ = ("__dict__", "__weakref__", "_mw", "_rec", "connection", "environ")
 
     def __init__(
         self, mw: PgConnMiddleware, rec: PooledConnection, environ: WSGIEnvironment
@@ -190,13 +224,6 @@ class RequestTransaction:
 
     # -- ending the transaction -----------------------------------------------
 
-    def _vetoed(self) -> bool:
-        assert self.status is not None
-        vetoed = self._mw.commit_veto(self.environ, self.status, self.headers)
-        if vetoed:
-            self._mw._count("vetoes")
-        return bool(vetoed)
-
     def finish(self, completed: bool) -> BaseException | None:
         """End what the request opened: commit if it ``completed`` and :func:`should_commit`.
 
@@ -216,9 +243,7 @@ class RequestTransaction:
             elif self._after_commit or self._after_rollback:
                 # Nothing to COMMIT, but callbacks wait for the request's outcome
                 # (Django's on_commit() in a view that ran no query).
-                self._settle(
-                    completed and should_commit(self.failed, self.exc_info, self._vetoed)
-                )
+                self._settle(completed and should_commit(self))
             return None
         if conn.closed and self.outcome == "rollback":
             return None  # a lost connection, already ended once
@@ -226,7 +251,7 @@ class RequestTransaction:
         if began > 1:
             _warn_ended_by_sql(conn, mw)
         conn._wsgi_pgconn_began = 0
-        commit = completed and should_commit(self.failed, self.exc_info, self._vetoed)
+        commit = completed and should_commit(self)
         if commit and status == INTRANS:
             driver = mw.driver
             try:
@@ -304,7 +329,7 @@ class RequestTransaction:
     def detach(self) -> PooledConnection | None:
         """Leave the request context; the connection stays checked out (for a retry)."""
         rec, self._rec = self._rec, None
-        self.environ = {}  # no cycle through environ[TRANSACTION_KEY]
+        self.environ = _NO_ENVIRON  # no cycle through environ[TRANSACTION_KEY]
         token = self._token
         if token is not None:
             self._token = None
@@ -319,7 +344,8 @@ class RequestTransaction:
         rec = self._rec
         if rec is None:
             return
-        if logger.isEnabledFor(logging.DEBUG):
+        mw = self._mw
+        if mw._registry.debug:  # type: ignore[union-attr]
             logger.debug(
                 "%s %s -> %s: %s on backend pid %s",
                 self.environ.get("REQUEST_METHOD"),
@@ -328,13 +354,14 @@ class RequestTransaction:
                 self.outcome or "no transaction",
                 rec.backend_pid,
             )
-        self.detach()
+        self._rec = None
+        self.environ = _NO_ENVIRON  # no cycle through environ[TRANSACTION_KEY]
+        if self._token is not None:
+            self.detach()
         conn = rec.conn
         conn._wsgi_pgconn_begin = None
-        conn._wsgi_pgconn_on_begin = None
-        conn._wsgi_pgconn_began = 0
-        mw = self._mw
-        registry = mw.registry
+        if mw.on_begin is not None:
+            conn._wsgi_pgconn_on_begin = None
         if (self.db_failed or self.sqlstate == READ_ONLY) and _server_read_only(
             mw, conn, self.sqlstate
         ):
@@ -343,19 +370,8 @@ class RequestTransaction:
                 "backend pid %s is read-only (failover?): replacing this process's connections",
                 rec.backend_pid,
             )
-            registry.retire_all()
-        registry.checkin(rec, used=self.used)
-
-    def __del__(self) -> None:
-        if self._rec is not None:
-            logger.warning(
-                "a response was never closed (the WSGI server must call close()); "
-                "rolling back and releasing its connection"
-            )
-            try:
-                self.finish(completed=False)
-            finally:
-                self.release()
+            mw.registry.retire_all()
+        mw.registry.checkin(rec, self.used)
 
 
 class Body:
@@ -423,6 +439,20 @@ class Body:
                     )
             finally:
                 txn.release()
+
+    def __del__(self) -> None:
+        txn = self._txn
+        if txn._rec is not None:
+            logger.warning(
+                "a response was never closed (the WSGI server must call close(); with a "
+                "test client: read it whole, use buffered=True, or 'with client.get(...) "
+                "as response:'); rolling back and releasing its connection"
+            )
+            try:
+                txn.finish(completed=False)
+            finally:
+                txn.release()
+
 
 
 def _warn_ended_by_sql(conn: Any, mw: PgConnMiddleware) -> None:

@@ -42,7 +42,7 @@ from django.db.transaction import TransactionManagementError
 
 from ..drivers import INERROR
 from ..middleware import CONNECTION_KEY
-from ..transaction import RequestTransaction, _current
+from ..transaction import RequestTransaction, _current, publish_context
 from . import session
 from .creation import DatabaseCreation
 
@@ -70,6 +70,7 @@ _outside_request: contextvars.ContextVar[bool] = contextvars.ContextVar(
 #: resolved its bookkeeping (never a value of the middleware's context variable).
 _UNRESOLVED = object()
 
+publish_context()  # the ORM finds the request through current_transaction's variable
 _current_get = _current.get
 _outside_get = _outside_request.get
 _get_ident = threading.get_ident

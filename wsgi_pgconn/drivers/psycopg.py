@@ -118,6 +118,22 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
             conn._pipeline = None
 
 
+def _several_statements(conn: ManagedConnection, query: Any) -> bool:
+    """Whether ``query`` (without parameters) may hold several statements.
+
+    psycopg sends a query without parameters with the simple-query protocol,
+    which takes several statements; in a pipeline it would use the extended
+    protocol, which refuses them. Such a query takes BEGIN as its own round trip.
+    """
+    if isinstance(query, psycopg.sql.Composable):
+        query = query.as_bytes(conn)
+    if isinstance(query, str):
+        return ";" in query
+    if isinstance(query, (bytes, bytearray, memoryview)):
+        return b";" in bytes(query)
+    return True
+
+
 class _Cursor:
     """Mixed in below every client-side cursor class of a managed connection."""
 
@@ -134,6 +150,7 @@ class _Cursor:
                 conn.pgconn.transaction_status == IDLE
                 and conn._wsgi_pgconn_pipeline
                 and conn._pipeline is None
+                and (params is not None or not _several_statements(conn, query))
             ):
                 # BEGIN and the statement in one pipeline: one round trip.
                 _pipelined(conn, lambda: super(_Cursor, self).execute(query, params, **kwargs))  # type: ignore[misc]

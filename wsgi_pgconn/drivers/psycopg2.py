@@ -86,10 +86,20 @@ def _begin(conn: ManagedConnection, cur: Any = None, query: Any = None, vars: An
     if cur is not None and conn._wsgi_pgconn_pipeline:
         if isinstance(query, sql.Composable):
             query = query.as_string(conn)
+        prefixed: str | bytes | None = None
         if isinstance(query, str) and query.strip():
-            return _execute(cur, conn._wsgi_pgconn_prefix + query, vars)
-        if isinstance(query, bytes) and query.strip():
-            return _execute(cur, conn._wsgi_pgconn_bprefix + query, vars)
+            prefixed = conn._wsgi_pgconn_prefix + query
+        elif isinstance(query, bytes) and query.strip():
+            prefixed = conn._wsgi_pgconn_bprefix + query
+        if prefixed is not None:
+            try:
+                return _execute(cur, prefixed, vars)
+            except psycopg2.Error:
+                if conn.closed or _status(conn) != IDLE:
+                    raise
+                # PostgreSQL refused the whole message before BEGIN ran (a syntax
+                # error): begin on its own, and let the statement fail again inside
+                # the transaction, which is then failed, as without the fast path.
     _execute(conn._wsgi_pgconn_internal, conn._wsgi_pgconn_bprefix)
     return None if cur is None else _execute(cur, query, vars)
 

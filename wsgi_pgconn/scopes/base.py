@@ -55,6 +55,7 @@ _inherited: list[object] = []
 _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 
 _make_poll = select.poll
+_getpid = os.getpid
 
 
 class PooledConnection:
@@ -164,6 +165,11 @@ class Registry:
         self._idle_check = settings.check == "socket"
         self._status = driver.transaction_status
         self._timed = settings.max_age is not None or settings.max_idle is not None
+        self._discard_used = settings.reset == "discard"
+        #: Whether a checkout needs more than the socket, status and pid checks.
+        self._thorough = self._timed or not self._idle_check
+        #: Whether to log a DEBUG line per request (decided when the registry starts).
+        self.debug = logger.isEnabledFor(logging.DEBUG)
         self.stats_counter = Stats()
         self._init_state()
         _registries.add(self)
@@ -179,7 +185,7 @@ class Registry:
         """A usable connection, reserved for the caller until :meth:`checkin`."""
         raise NotImplementedError
 
-    def checkin(self, rec: PooledConnection, *, used: bool) -> None:
+    def checkin(self, rec: PooledConnection, used: bool) -> None:
         """Give back a connection; ``used`` says whether the request ran a transaction."""
         raise NotImplementedError
 
@@ -242,9 +248,23 @@ class Registry:
         logger.debug("opened connection, backend pid %s", rec.backend_pid)
         return rec
 
+    def _ready(self, rec: PooledConnection) -> bool:
+        """The checks of :meth:`_unusable` that pass for a healthy connection, inlined.
+
+        (The scopes repeat this expression in their checkout, where a call costs.)
+        """
+        return (
+            rec.pid == _getpid()
+            and rec.generation >= self._generation
+            and not self._thorough
+            and self._status(rec.conn) == IDLE
+            and not rec.poller.poll(0)
+            and not rec.conn.closed
+        )
+
     def _unusable(self, rec: PooledConnection) -> str | None:
         """Why ``rec`` must not serve a request, or None. No round trip unless suspect."""
-        if rec.epoch != _fork_epoch or rec.pid != os.getpid():
+        if rec.epoch != _fork_epoch or rec.pid != _getpid():
             # The pid too: uWSGI forks in C without running os.register_at_fork hooks.
             return "forked"
         if rec.generation < self._retire_below:
@@ -280,6 +300,15 @@ class Registry:
     def _reset(self, rec: PooledConnection, used: bool) -> str | None:
         """Make ``rec`` ready for the next request; the reason to discard it instead, or None."""
         conn = rec.conn
+        if (
+            self._status(conn) == IDLE
+            and not (used and self._discard_used)
+            and rec.generation >= self._retire_below
+            and not conn.closed
+        ):
+            if self._timed:
+                rec.last_used = time.monotonic()
+            return None  # the common case: nothing to do
         if conn.closed:
             self.suspect_all()
             return "broken"

@@ -61,6 +61,9 @@ class PoolRegistry(Registry):
         if waited_from is not None:
             self.stats_counter.incr("pool_wait_seconds", time.monotonic() - waited_from)
         if not fresh:
+            if self._ready(rec):
+                rec.uses += 1
+                return rec
             reason = self._unusable(rec)
             if reason is None:
                 rec.uses += 1
@@ -82,7 +85,7 @@ class PoolRegistry(Registry):
             self._busy.add(rec)
         return rec
 
-    def checkin(self, rec: PooledConnection, *, used: bool) -> None:
+    def checkin(self, rec: PooledConnection, used: bool) -> None:
         reason: str | None = "broken"
         try:
             reason = self._reset(rec, used)

@@ -47,7 +47,7 @@ class ProcessRegistry(Registry):
             self._lock.release()
             raise
 
-    def checkin(self, rec: PooledConnection, *, used: bool) -> None:
+    def checkin(self, rec: PooledConnection, used: bool) -> None:
         try:
             reason = self._reset(rec, used)
             rec.in_use = False

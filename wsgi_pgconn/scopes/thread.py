@@ -9,7 +9,8 @@ import os
 import threading
 import weakref
 
-from .base import PooledConnection, Registry, _inherited
+from ..drivers import IDLE
+from .base import PooledConnection, Registry, _getpid, _inherited
 
 __all__ = ["ThreadRegistry"]
 
@@ -38,6 +39,18 @@ class ThreadRegistry(Registry):
             slot = self._local.slot = _ThreadSlot(self)
         rec = slot.rec
         if rec is not None:
+            if (  # Registry._ready, inlined: the common case
+                not rec.in_use
+                and rec.pid == _getpid()
+                and rec.generation >= self._generation
+                and not self._thorough
+                and self._status(rec.conn) == IDLE
+                and not rec.poller.poll(0)
+                and not rec.conn.closed
+            ):
+                rec.in_use = True
+                rec.uses += 1
+                return rec
             if rec.in_use:
                 # An earlier response on this thread was never closed; collecting it
                 # rolls it back and releases the connection (RequestTransaction.__del__).
@@ -64,7 +77,7 @@ class ThreadRegistry(Registry):
             self._all.add(rec)
         return rec
 
-    def checkin(self, rec: PooledConnection, *, used: bool) -> None:
+    def checkin(self, rec: PooledConnection, used: bool) -> None:
         reason = self._reset(rec, used)
         rec.in_use = False
         if reason is not None:
