@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL for every test.
 
-The suite starts a throwaway cluster (wsgi_pgconn.tempdb) from the machine's
+The suite starts a throwaway cluster (wsgi_pgconn.tooling.tempdb) from the machine's
 PostgreSQL server binaries, or uses the server named by WSGI_PGCONN_TEST_DSN
 (a superuser connection string; tests that restart the server need the
 throwaway cluster). With neither, the run fails and says how to provide one.
@@ -18,7 +18,7 @@ import psycopg2.extensions
 import pytest
 
 from wsgi_pgconn import PgConnMiddleware
-from wsgi_pgconn.tempdb import TempClusterError, TemporaryCluster
+from wsgi_pgconn.tooling.tempdb import TempClusterError, TemporaryCluster
 
 TEST_DB = "wsgi_pgconn_test"
 

@@ -104,7 +104,7 @@ def test_bench_default_server_and_load(pg: Any, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_pgbouncer_over_its_unix_socket(pg: Any, tmp_path: Path) -> None:
     """The servers' unprivileged user connects to PgBouncer's socket (trust) per request."""
-    from wsgi_pgconn.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
+    from wsgi_pgconn.tooling.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
 
     if pgbouncer_path() is None:
         pytest.skip(INSTALL_HINT)
@@ -119,7 +119,7 @@ def test_bench_pgbouncer_over_its_unix_socket(pg: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
-    """``python -m wsgi_pgconn.bench.cpu`` on its own throwaway cluster, a few requests."""
+    """``python -m wsgi_pgconn.tooling.bench.cpu`` on its own throwaway cluster, a few requests."""
     out = tmp_path / "cpu.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
     env.pop("DATABASE_URL", None)
@@ -128,7 +128,7 @@ def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "wsgi_pgconn.bench.cpu",
+            "wsgi_pgconn.tooling.bench.cpu",
             "--variants",
             "django-maxage,django-pgconn",
             "--requests",

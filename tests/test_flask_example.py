@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from wsgi_pgconn.bench.servers import free_port, http_get
-from wsgi_pgconn.tempdb import BINDIR_ENV
+from wsgi_pgconn.tooling.bench.servers import free_port, http_get
+from wsgi_pgconn.tooling.tempdb import BINDIR_ENV
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flask" / "app.py"
 

@@ -1,4 +1,4 @@
-"""Tests for wsgi_pgconn.tempdb against real PostgreSQL clusters (no mocks)."""
+"""Tests for wsgi_pgconn.tooling.tempdb against real PostgreSQL clusters (no mocks)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from wsgi_pgconn.tempdb import BINDIR_ENV, TempClusterError, TemporaryCluster, find_bindir
+from wsgi_pgconn.tooling.tempdb import BINDIR_ENV, TempClusterError, TemporaryCluster, find_bindir
 
 REPO = Path(__file__).resolve().parent.parent
 QUOTED_NAME = "it's a \\ test"  # exercises postgresql.conf quoting
@@ -296,7 +296,7 @@ def test_atexit_fallback_and_forked_children() -> None:
     result = run_python(
         """
         import os, sys
-        from wsgi_pgconn.tempdb import TemporaryCluster
+        from wsgi_pgconn.tooling.tempdb import TemporaryCluster
         c = TemporaryCluster().start()
         pid = int((c.data_dir / "postmaster.pid").read_text().split()[0])
         print(c.directory, pid, flush=True)

@@ -33,7 +33,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from wsgi_pgconn.tempdb import TemporaryCluster, find_bindir
+from wsgi_pgconn.tooling.tempdb import TemporaryCluster, find_bindir
 
 INSTALL_SCRIPT = ".ci/install-scaling.sh"
 PORT_RANGE = (20000, 30000)

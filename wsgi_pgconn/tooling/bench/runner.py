@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from wsgi_pgconn.bench import load as loadgen
-from wsgi_pgconn.bench import servers
-from wsgi_pgconn.bench.variants import (
+from wsgi_pgconn.tooling.bench import load as loadgen
+from wsgi_pgconn.tooling.bench import servers
+from wsgi_pgconn.tooling.bench.variants import (
     BASELINE,
     BY_NAME,
     UPPER_BOUND,
@@ -27,8 +27,8 @@ from wsgi_pgconn.bench.variants import (
 )
 
 if TYPE_CHECKING:
-    from wsgi_pgconn.bench.database import BenchDatabase
-    from wsgi_pgconn.bench.pgbouncer import PgBouncer
+    from wsgi_pgconn.tooling.bench.database import BenchDatabase
+    from wsgi_pgconn.tooling.bench.pgbouncer import PgBouncer
 
 WERKZEUG_NOTE = (
     "werkzeug's threaded server starts a new thread for every request, so per-thread "
@@ -177,7 +177,7 @@ class Bench:
                 "needs a unix-socket connection (unset DATABASE_URL to use the throwaway cluster)"
             )
         if variant.dsn == "pgbouncer":
-            from wsgi_pgconn.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
+            from wsgi_pgconn.tooling.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
 
             if not pgbouncer_path():
                 return INSTALL_HINT
@@ -186,7 +186,7 @@ class Bench:
     # -- one measurement -----------------------------------------------------------
 
     def variant_dsn(self, variant: Variant, application_name: str) -> str:
-        from wsgi_pgconn.bench.database import with_params
+        from wsgi_pgconn.tooling.bench.database import with_params
 
         if variant.dsn == "pgbouncer":
             assert self.bouncer is not None
@@ -288,7 +288,7 @@ class Bench:
     # -- the whole run ---------------------------------------------------------------
 
     def run(self, names: Sequence[str]) -> dict[str, Outcome]:
-        from wsgi_pgconn.bench.database import open_database
+        from wsgi_pgconn.tooling.bench.database import open_database
 
         outcomes = {name: Outcome(name) for name in names}
         log("server: " + describe_server(self.server_kind, self.args.processes, self.args.threads))
@@ -335,8 +335,8 @@ class Bench:
         return outcomes
 
     def start_pgbouncer(self) -> None:
-        from wsgi_pgconn.bench.database import with_params
-        from wsgi_pgconn.bench.pgbouncer import PgBouncer
+        from wsgi_pgconn.tooling.bench.database import with_params
+        from wsgi_pgconn.tooling.bench.pgbouncer import PgBouncer
 
         self.bouncer = PgBouncer(
             with_params(self.db.admin_dsn, application_name="bench_pgbouncer"),

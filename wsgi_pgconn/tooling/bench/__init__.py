@@ -18,6 +18,6 @@ Modules:
 ``load``      wrk and the fallback Python load generator
 ``pgbouncer`` a throwaway PgBouncer in transaction mode, reached over its unix socket
 ``database``  the database under test (the throwaway cluster or DATABASE_URL)
-``cpu``       ``python -m wsgi_pgconn.bench.cpu``: CPU and round trips per request of the
+``cpu``       ``python -m wsgi_pgconn.tooling.bench.cpu``: CPU and round trips per request of the
               same applications, called in process (no server), for overhead work
 """

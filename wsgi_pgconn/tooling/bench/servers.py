@@ -143,7 +143,9 @@ def make_world_readable(root: str) -> None:
 
 def package_dir() -> str:
     """The folder of the wsgi_pgconn package being run."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import wsgi_pgconn
+
+    return os.path.dirname(os.path.abspath(wsgi_pgconn.__file__))
 
 
 def http_get(

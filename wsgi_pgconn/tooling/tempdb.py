@@ -13,7 +13,7 @@ directory only the cluster's OS user (and root) can enter, are trusted.
 Example::
 
     import psycopg2
-    from wsgi_pgconn.tempdb import TemporaryCluster
+    from wsgi_pgconn.tooling.tempdb import TemporaryCluster
 
     with TemporaryCluster() as cluster:
         conn = psycopg2.connect(cluster.dsn())  # TCP + password
@@ -767,7 +767,7 @@ class TemporaryCluster:
             pwfile.unlink(missing_ok=True)
 
         with open(data_dir / "postgresql.conf", "a", encoding="utf-8") as fh:
-            fh.write("\n# added by wsgi_pgconn.tempdb\ninclude 'wsgi_pgconn.conf'\n")
+            fh.write("\n# added by wsgi_pgconn.tooling.tempdb\ninclude 'wsgi_pgconn.conf'\n")
         if self._port is None:
             self._port = _pick_port()
         self._write_conf()
@@ -777,7 +777,7 @@ class TemporaryCluster:
         assert self._socket_dir is not None
         assert self._port is not None
         lines = [
-            "# throwaway cluster managed by wsgi_pgconn.tempdb: durability is OFF",
+            "# throwaway cluster managed by wsgi_pgconn.tooling.tempdb: durability is OFF",
             f"listen_addresses = {_conf_value(_HOST)}",
             f"port = {self._port}",
             f"unix_socket_directories = {_conf_value(str(self._socket_dir))}",

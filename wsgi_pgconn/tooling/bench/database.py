@@ -1,7 +1,7 @@
 """The database the benchmark runs against.
 
 With ``DATABASE_URL`` unset (the default) a throwaway cluster from
-:mod:`wsgi_pgconn.tempdb` is started: TCP with scram-sha-256 and a unix
+:mod:`wsgi_pgconn.tooling.tempdb` is started: TCP with scram-sha-256 and a unix
 socket with trust.  With ``DATABASE_URL`` set, that database is used and
 only the variants its connection string allows are run.
 """
@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from wsgi_pgconn.bench.apps import PAGE_ROWS, PAGE_TABLE
+from wsgi_pgconn.tooling.bench.apps import PAGE_ROWS, PAGE_TABLE
 
 MONITOR_NAME = "wsgi_pgconn_bench_monitor"
 
@@ -118,7 +118,7 @@ def open_database(
         else:
             db = BenchDatabase(url, None, "DATABASE_URL")
     else:
-        from wsgi_pgconn.tempdb import TemporaryCluster
+        from wsgi_pgconn.tooling.tempdb import TemporaryCluster
 
         log("DATABASE_URL is unset: starting a throwaway PostgreSQL cluster")
         cluster = TemporaryCluster(settings=settings).start()

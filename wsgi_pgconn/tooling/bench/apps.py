@@ -1,6 +1,6 @@
 """WSGI applications served by the benchmark, one per kind of connection handling.
 
-A server imports ``wsgi_pgconn.bench.apps`` (or ``wsgi_pgconn.bench.django_app``)
+A server imports ``wsgi_pgconn.tooling.bench.apps`` (or ``wsgi_pgconn.tooling.bench.django_app``)
 and serves ``application``; which one is built is chosen by environment
 variables that the runner sets for the server process:
 
