@@ -41,6 +41,8 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
     webtest,
 )
 
+from wsgi_pgconn.tooling.ports import free_port
+
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 HDRS = [("Content-Type", "text/plain")]
@@ -520,13 +522,6 @@ def test_on_begin_settings_vanish_at_commit_and_rollback(make_mw: Any) -> None:
 
 
 # -- the server cannot be reached -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @pytest.fixture

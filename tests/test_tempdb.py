@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from wsgi_pgconn.tooling.ports import PORT_RANGE_ENV, bind_free_port, port_range
 from wsgi_pgconn.tooling.tempdb import BINDIR_ENV, TempClusterError, TemporaryCluster, find_bindir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +119,8 @@ def test_unix_socket_uses_trust(cluster: TemporaryCluster) -> None:
 
 
 def test_server_settings(cluster: TemporaryCluster) -> None:
-    assert 20000 <= cluster.port < 30000
+    first, last = port_range()
+    assert first <= cluster.port <= last
     dsn = cluster.dsn(tcp=False)
     expected = {
         "fsync": "off",
@@ -135,6 +137,23 @@ def test_server_settings(cluster: TemporaryCluster) -> None:
     }
     for name, value in expected.items():
         assert query(dsn, f"SHOW {name}") == value, name
+
+
+def test_port_range_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        first = bind_free_port(probe)  # free: bound, never listened on, closed
+    monkeypatch.setenv(PORT_RANGE_ENV, f"{first}-{first}")  # a range of one port
+    with TemporaryCluster() as narrow:
+        assert narrow.port == first
+        assert query(narrow.dsn()) == 1
+
+
+def test_invalid_port_range_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PORT_RANGE_ENV, "29999-20000")
+    cluster = TemporaryCluster()
+    with pytest.raises(TempClusterError, match=r"PORT_RANGE='29999-20000' is not valid"):
+        cluster.start()
+    assert cluster.removed
 
 
 def test_password_is_never_exposed(cluster: TemporaryCluster) -> None:

@@ -42,13 +42,11 @@ import argparse
 import contextlib
 import glob
 import os
-import random
 import re
 import secrets
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -66,6 +64,8 @@ from urllib.parse import quote, urlencode
 import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
+
+from wsgi_pgconn.tooling.ports import PORT_RANGE_ENV, PortRangeError, free_port
 
 if TYPE_CHECKING:
     import pwd
@@ -97,7 +97,6 @@ _QUOTED_LITERAL = re.compile(r"^'(?:[^'\\]|''|\\.)*'$", re.DOTALL)
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 # sockaddr_un.sun_path is 108 bytes on Linux (104 on the BSDs), NUL included.
 _MAX_SOCKET_PATH = 103
-_PORT_RANGE = (20000, 30000)  # below the usual ephemeral range (32768+)
 _PG_CTL_WAIT = 30  # seconds pg_ctl -w waits for start/stop
 _DB_ROLE = "postgres"
 _DB_NAME = "postgres"
@@ -326,26 +325,11 @@ def _check_traversable(path: Path, account: pwd.struct_passwd) -> None:
 # small helpers
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((_HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _pick_port() -> int:
-    rng = random.SystemRandom()
-    for _ in range(50):
-        port = rng.randrange(*_PORT_RANGE)
-        if _port_is_free(port):
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port = sock.getsockname()[1]
-    assert isinstance(port, int)
-    return port
+    try:
+        return free_port(_HOST)
+    except PortRangeError as exc:
+        raise TempClusterError(str(exc)) from None
 
 
 def _conf_value(value: str) -> str:
@@ -453,7 +437,8 @@ class TemporaryCluster:
         base_dir: parent for the cluster's temporary directory (default:
             :func:`tempfile.gettempdir`).  When running as root it must be
             enterable by the unprivileged OS user that runs PostgreSQL.
-        port: TCP port on 127.0.0.1 (default: a free port in 20000-29999).
+        port: TCP port on 127.0.0.1 (default: a free port in the range of
+            ``WSGI_PGCONN_PORT_RANGE``, 20000-29999 unless set).
         user: OS user to run PostgreSQL as when the caller is root (default:
             ``postgres`` if it exists, else ``nobody``).  Ignored otherwise.
         settings: extra ``postgresql.conf`` settings, e.g. ``{"work_mem":
@@ -873,7 +858,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "waits; Ctrl-C or SIGTERM stops the server and deletes its directory."
         ),
     )
-    parser.add_argument("--port", type=int, help="TCP port (default: a free one in 20000-29999)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        help=f"TCP port (default: a free one in ${PORT_RANGE_ENV}, 20000-29999 unless set)",
+    )
     parser.add_argument("--base-dir", help="parent directory (default: the system temp dir)")
     parser.add_argument(
         "--user", help="OS user to run postgres as when started as root (default: postgres)"

@@ -11,15 +11,12 @@ the checkout lives under ``/root``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import http.client
 import os
 import pwd
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +25,32 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import IO
 
+from wsgi_pgconn.tooling.ports import free_port
+
+__all__ = [
+    "DAEMON_USER",
+    "DEFAULT_VENV",
+    "INSTALL_HINT",
+    "Server",
+    "ServerError",
+    "free_port",
+    "gunicorn_python",
+    "gunicorn_server",
+    "http_get",
+    "make_world_readable",
+    "mod_wsgi_express",
+    "mod_wsgi_server",
+    "package_dir",
+    "python_has",
+    "server_venv",
+    "stage",
+    "venv_python",
+    "venv_tool",
+    "werkzeug_server",
+]
+
 DEFAULT_VENV = "/opt/wsgi-pgconn-servers"
 INSTALL_HINT = "bash .ci/install-servers.sh"
-PORT_RANGE = (20000, 30000)
 DAEMON_USER = "www-data"
 
 
@@ -88,22 +108,6 @@ def gunicorn_python() -> str | None:
     if python_has(sys.executable, "gunicorn"):
         return sys.executable
     return None
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 in 20000-30000 (outside the ephemeral range)."""
-    ports = list(range(*PORT_RANGE))
-    random.shuffle(ports)
-    for port in ports[:200]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-                raise
-            return port
-    raise ServerError("no free port in {}-{}".format(*PORT_RANGE))
 
 
 def _ignore_junk(directory: str, names: list[str]) -> list[str]:
