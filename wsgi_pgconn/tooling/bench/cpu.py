@@ -1,9 +1,10 @@
 """``python -m wsgi_pgconn.tooling.bench.cpu``: CPU and round trips per request, in process.
 
 No server, no HTTP: each variant's WSGI application (the benchmark's own
-modules, :mod:`wsgi_pgconn.tooling.bench.apps` and :mod:`wsgi_pgconn.tooling.bench.django_app`)
-is imported in a fresh Python process and called many times in one thread
-against a throwaway PostgreSQL cluster (or ``DATABASE_URL``). Each child
+modules, :mod:`wsgi_pgconn.tooling.bench.apps` and
+:mod:`wsgi_pgconn.tooling.bench.django_app`) is imported in a fresh Python
+process and called many times in one thread against a throwaway PostgreSQL
+cluster (or ``DATABASE_URL`` with ``--use-database-url``). Each child
 reports, per batch of ``--requests`` calls, the CPU time of the process
 (``time.process_time``: user + system, the libpq socket calls included; the
 server's own CPU is not in it) and the wall time (``time.perf_counter``,
@@ -189,7 +190,9 @@ def parent(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print("cpu: " + message, file=sys.stderr, flush=True)
 
-    with open_database(log, settings={"log_line_prefix": LOG_PREFIX}) as db:
+    with open_database(
+        log, settings={"log_line_prefix": LOG_PREFIX}, use_database_url=args.use_database_url
+    ) as db:
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]
             for name in order:
@@ -248,13 +251,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="children per variant")
     parser.add_argument("--warmup", type=int, default=200, help="requests before timing")
     parser.add_argument("--no-round-trips", action="store_true")
+    parser.add_argument(
+        "--use-database-url",
+        action="store_true",
+        help="use the database named by DATABASE_URL (else a set DATABASE_URL is refused)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.dsn, args.requests, args.batches, args.warmup)
-    return parent(args)
+    from wsgi_pgconn.tooling.bench.database import DatabaseRefused
+
+    try:
+        return parent(args)
+    except DatabaseRefused as exc:
+        print(f"cpu: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
