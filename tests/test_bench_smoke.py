@@ -294,6 +294,7 @@ def test_ctrl_c_drops_the_table_and_stops_the_servers(pg: Any, bench_db: str) ->
 
 
 @pytest.mark.slow
+@pytest.mark.cluster_only("starts a throwaway cluster of its own and reads its log")
 def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
     """``python -m wsgi_pgconn.tooling.bench.cpu`` on its own throwaway cluster, a few requests."""
     out = tmp_path / "cpu.json"

@@ -85,6 +85,7 @@ def test_pages(example: tuple[ModuleType, Any], admin: Any, app_name: str) -> No
     assert health.json == {"ok": True, "database": False}
 
 
+@pytest.mark.cluster_only("runs the example on a throwaway cluster of its own")
 def test_one_command_run_with_embedded_cluster(tmp_path: Path) -> None:
     """``python examples/flask/app.py`` with DATABASE_URL unset starts a throwaway cluster."""
 

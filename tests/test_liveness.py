@@ -161,6 +161,7 @@ def test_terminated_backend_detected_as_soon_as_its_message_arrives(
     assert mw.stats()["discarded"]["broken"] == 0
 
 
+@pytest.mark.cluster_only("restarts the server")
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_every_thread_recovers(
     mode: str,

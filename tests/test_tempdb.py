@@ -20,6 +20,8 @@ import pytest
 from wsgi_pgconn.tooling.ports import PORT_RANGE_ENV, bind_free_port, port_range
 from wsgi_pgconn.tooling.tempdb import BINDIR_ENV, TempClusterError, TemporaryCluster, find_bindir
 
+pytestmark = pytest.mark.cluster_only("starts throwaway clusters of its own")
+
 REPO = Path(__file__).resolve().parent.parent
 QUOTED_NAME = "it's a \\ test"  # exercises postgresql.conf quoting
 
