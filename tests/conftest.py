@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +39,42 @@ PG_STAT_STATEMENTS_MISSING = (
     "counts round trips with pg_stat_statements, which the server of "
     f"{TEST_DSN_ENV} does not load (shared_preload_libraries); the throwaway cluster does"
 )
+
+
+def _quiet_dummy_threads_at_exit() -> None:
+    """Keep CPython 3.13.0-3.13.5 from printing a traceback per leftover dummy thread at exit.
+
+    Those releases print "Exception ignored in: <function
+    _DeleteDummyThreadOnDel.__del__ ...> TypeError: 'NoneType' object does
+    not support the context manager protocol" for every dummy thread still
+    referenced at interpreter shutdown: the finalizer reads module globals that
+    shutdown has already set to None (CPython gh-130522, fixed in 3.13.6). The
+    suite makes many of them: the middleware logs at DEBUG from a thread-local
+    destructor, after the ending thread has left threading's registry, and
+    logging's current_thread() then registers a dummy thread. The replacement
+    below does what the original does, with the lock and the registry bound
+    when it is defined, which is how 3.13.6 fixed it; nothing changes on other
+    versions.
+    """
+    if not (3, 13, 0) <= sys.version_info[:3] < (3, 13, 6):
+        return
+    cls: Any = getattr(threading, "_DeleteDummyThreadOnDel", None)
+    if cls is None:
+        return
+
+    def __del__(
+        self: Any,
+        _lock: Any = threading._active_limbo_lock,
+        _registry: Any = threading._active,
+    ) -> None:
+        with _lock:
+            if _registry.get(self._tident) is self._dummy_thread:
+                _registry.pop(self._tident, None)
+
+    cls.__del__ = __del__
+
+
+_quiet_dummy_threads_at_exit()
 
 
 def external_dsn() -> str:
