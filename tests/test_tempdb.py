@@ -352,6 +352,7 @@ def test_help_mentions_the_printed_password() -> None:
 
 def test_main_runs_in_foreground_until_sigint() -> None:
     argv = [sys.executable, "-m", "wsgi_pgconn.tempdb", "-c", "application_name=from-main"]
+    argv += ["--dbname", "notes"]
     with subprocess.Popen(
         argv,
         cwd=REPO,
@@ -377,8 +378,10 @@ def test_main_runs_in_foreground_until_sigint() -> None:
             assert directory.is_dir()
 
             tcp_url = tcp_line.split("=", 1)[1]
+            assert tcp_url.endswith("/notes")  # --dbname: created, and named in the URLs
             assert query(tcp_url, "SHOW application_name") == "from-main"
-            assert query(unix_line.split("=", 1)[1]) == 1
+            assert query(tcp_url, "SELECT current_database()") == "notes"
+            assert query(unix_line.split("=", 1)[1], "SELECT current_database()") == "notes"
 
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=30)

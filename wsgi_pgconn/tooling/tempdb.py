@@ -863,6 +863,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         help=f"TCP port (default: a free one in ${PORT_RANGE_ENV}, 20000-29999 unless set)",
     )
+    parser.add_argument(
+        "--dbname",
+        help=(
+            "create this database too, and print URLs that name it (default: the "
+            "printed URLs name the database 'postgres')"
+        ),
+    )
     parser.add_argument("--base-dir", help="parent directory (default: the system temp dir)")
     parser.add_argument(
         "--user", help="OS user to run postgres as when started as root (default: postgres)"
@@ -903,11 +910,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base_dir=args.base_dir, port=args.port, user=args.user, settings=dict(args.settings)
             )
             cluster.start()
-        except (TempClusterError, ValueError) as exc:
+            if args.dbname:
+                cluster.create_database(args.dbname)
+        except (TempClusterError, ValueError, psycopg2.Error) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"DATABASE_URL={cluster.url()}", flush=True)
-        print(f"DATABASE_URL_UNIX={cluster.url(tcp=False)}", flush=True)
+        print(f"DATABASE_URL={cluster.url(dbname=args.dbname)}", flush=True)
+        print(f"DATABASE_URL_UNIX={cluster.url(tcp=False, dbname=args.dbname)}", flush=True)
         action = "stop it (files are kept)" if args.keep else "stop and delete it"
         print(
             f"throwaway PostgreSQL cluster at {cluster.directory}; Ctrl-C to {action}",
