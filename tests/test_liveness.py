@@ -41,7 +41,7 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
     webtest,
 )
 
-from wsgi_pgconn.tooling.ports import free_port
+from wsgi_pgconn.tooling.ports import bind_free_port, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -529,10 +529,10 @@ def test_on_begin_settings_vanish_at_commit_and_rollback(make_mw: Any) -> None:
 def silent_server() -> Iterator[int]:
     """A TCP port that accepts connections and never says a word (a hung server)."""
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    port = bind_free_port(listener)
     listener.listen(16)
     try:
-        yield listener.getsockname()[1]
+        yield port
     finally:
         listener.close()
 

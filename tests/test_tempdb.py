@@ -258,9 +258,8 @@ def test_cleanup_removes_everything() -> None:
 
 def test_failed_start_reports_log_and_cleans_up() -> None:
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        port = bind_free_port(busy)
         busy.listen()
-        port = busy.getsockname()[1]
         cluster = TemporaryCluster(port=port)
         with pytest.raises(TempClusterError, match=r"could not bind|already in use") as info:
             cluster.start()
