@@ -2,8 +2,10 @@
 # Install the real servers and tools used by tests/servers/ and by
 # `python -m wsgi_pgconn.bench`.  Idempotent: safe to run again.
 #
-#   Debian packages: apache2 apache2-dev (for mod_wsgi), wrk, pgbouncer
-#   A virtualenv built from Debian's /usr/bin/python3.11 in a world-readable
+#   Debian packages: apache2 apache2-dev (for mod_wsgi), wrk, pgbouncer,
+#   python3-dev python3-venv
+#   A virtualenv built from the distribution's /usr/bin/python3 (Python 3.11
+#   on Debian 12; WSGI_PGCONN_SERVER_PYTHON names another) in a world-readable
 #   place (default /opt/wsgi-pgconn-servers, override with
 #   WSGI_PGCONN_SERVER_VENV) holding mod_wsgi, gunicorn, flask,
 #   psycopg2-binary, sqlalchemy and django.
@@ -13,16 +15,18 @@
 # installed under /root (pyenv, mode 700).  wsgi_pgconn itself is NOT
 # installed in the venv: the tests and the benchmark copy the working tree's
 # package into a world-readable temporary folder and put it on the server's
-# Python path, so they always exercise the code being tested.
+# Python path, so they always exercise the code being tested.  The servers
+# thus run on this venv's Python whatever Python runs the tests or the
+# benchmark; the benchmark's header says which.
 #
 # The tests and the benchmark find the venv at $WSGI_PGCONN_SERVER_VENV, or
 # at /opt/wsgi-pgconn-servers when that variable is unset.
 set -euo pipefail
 
 VENV="${WSGI_PGCONN_SERVER_VENV:-/opt/wsgi-pgconn-servers}"
-PY="${WSGI_PGCONN_SERVER_PYTHON:-/usr/bin/python3.11}"
+PY="${WSGI_PGCONN_SERVER_PYTHON:-/usr/bin/python3}"
 PIP_PACKAGES=(mod_wsgi gunicorn flask psycopg2-binary sqlalchemy django)
-APT_PACKAGES=(apache2 apache2-dev wrk pgbouncer python3.11-dev python3.11-venv)
+APT_PACKAGES=(apache2 apache2-dev wrk pgbouncer python3-dev python3-venv)
 
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -50,7 +54,9 @@ fi
 if ! "$VENV/bin/python" -c "import mod_wsgi, gunicorn, flask, psycopg2, sqlalchemy, django" 2>/dev/null \
    || [ ! -x "$VENV/bin/mod_wsgi-express" ]; then
     echo "install-servers: pip install ${PIP_PACKAGES[*]} into $VENV"
-    $SUDO "$VENV/bin/pip" install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
+    # --no-cache-dir: a mod_wsgi that pip built earlier for another Python
+    # (pyenv's, say) must not be reused: it is linked against that Python.
+    $SUDO "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check "${PIP_PACKAGES[@]}"
 fi
 
 # The daemon user (www-data) must be able to read and run everything.

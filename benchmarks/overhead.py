@@ -26,7 +26,7 @@ Target: the middleware adds at most 5 µs per request, and no round trip
 beyond the BEGIN/COMMIT the bare application pays too.
 
 The database: DATABASE_URL if set; otherwise a throwaway cluster
-(wsgi_pgconn.tempdb.TemporaryCluster, with pg_stat_statements loaded) that is
+(wsgi_pgconn.tooling.tempdb.TemporaryCluster, with pg_stat_statements loaded) that is
 deleted at the end.
 """
 
@@ -274,7 +274,7 @@ def database() -> Iterator[tuple[str, str, str]]:
         params = psycopg2.extensions.parse_dsn(url)
         yield url, url, params.get("dbname", "")
         return
-    from wsgi_pgconn.tempdb import TemporaryCluster
+    from wsgi_pgconn.tooling.tempdb import TemporaryCluster
 
     settings = {
         "shared_preload_libraries": "'pg_stat_statements'",

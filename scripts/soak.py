@@ -14,13 +14,14 @@ client mid-body (2), ``--retry-after-ms MS`` how long a client pauses after a
 503 (50), ``--seed N``, ``--time-limit SECONDS`` (3600), ``--dsn DSN`` to use
 an existing server (superuser; no restarts then).
 
-It starts a throwaway PostgreSQL cluster (``wsgi_pgconn.tempdb``; needs the
-server binaries, see README "Tests"), serves ``PgConnMiddleware`` on the fault
+It starts a throwaway PostgreSQL cluster (``wsgi_pgconn.tooling.tempdb``; needs the
+server binaries, see docs/testing.md), serves ``PgConnMiddleware`` on the fault
 tests' fixed-pool WSGI server (``tests/faults/_faultkit.py``, 127.0.0.1, a free
-port in 20000-29999) and drives it with client threads. Every request writes
-one uniquely keyed row (``/write``), or streams and writes while streaming
-(``/stream``, then the client resets the connection). Every ``--fault-every``
-answers (on average) one fault is injected at random:
+port in ``WSGI_PGCONN_PORT_RANGE``, 20000-29999 unless set) and drives it with
+client threads. Every request writes one uniquely keyed row (``/write``), or
+streams and writes while streaming (``/stream``, then the client resets the
+connection). Every ``--fault-every`` answers (on average) one fault is
+injected at random:
 
 * ``terminate`` (weight 6): ``pg_terminate_backend`` on a random backend of the
   application (idle or busy), waiting until it is gone;
@@ -64,7 +65,7 @@ import _faultkit as kit  # noqa: E402
 import psycopg2.extensions  # noqa: E402
 
 from wsgi_pgconn import PgConnMiddleware  # noqa: E402
-from wsgi_pgconn.tempdb import TemporaryCluster  # noqa: E402
+from wsgi_pgconn.tooling.tempdb import TemporaryCluster  # noqa: E402
 
 DB = "wsgi_pgconn_soak"
 APP_NAME = "wsgi_pgconn_soak"

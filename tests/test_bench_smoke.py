@@ -1,57 +1,120 @@
-"""Smoke test of ``python -m wsgi_pgconn.bench``: about a second of load on two cheap variants."""
+"""Smoke tests of ``python -m wsgi_pgconn.bench``: about a second of load on cheap variants.
+
+Each test benchmarks a database of its own on the run's server, named by
+DATABASE_URL with ``--use-database-url``, and checks that the benchmark left
+nothing behind there.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
+from wsgi_pgconn.tooling import TOOLING_ENVIRONMENT
+
 REPO = Path(__file__).resolve().parents[1]
+PAGE_TABLE = "wsgi_pgconn_bench_item"
+KEPT = set(TOOLING_ENVIRONMENT) - {"WSGI_PGCONN_TEST_DSN"}  # servers' venv, ports, bindir
+
+
+@pytest.fixture
+def bench_db(pg: Any) -> Iterator[str]:
+    """A fresh database for one benchmark run; dropped afterwards."""
+    name = "bench_smoke_" + uuid.uuid4().hex[:8]
+    pg.create_database(name)
+    try:
+        yield name
+    finally:
+        admin(pg, None, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def admin(pg: Any, dbname: str | None, statement: str) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(pg.dsn(tcp=True, dbname=dbname, application_name="bench-smoke"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def table_exists(pg: Any, dbname: str) -> bool:
+    return admin(pg, dbname, f"SELECT to_regclass('{PAGE_TABLE}')") != [(None,)]
+
+
+def bench_env(pg: Any, dbname: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_") or k in KEPT}
+    env["DATABASE_URL"] = pg.dsn(tcp=True, dbname=dbname)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def bench_argv(*extra: str, variants: str, duration: str = "1") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "wsgi_pgconn.bench",
+        "--duration",
+        duration,
+        "--warmup",
+        "0.3",
+        "--variants",
+        variants,
+        *extra,
+    ]
 
 
 def run_bench(
     pg: Any,
+    dbname: str,
     tmp_path: Path,
     *extra: str,
     variants: str = "handheld,pgconn-thread,django-pgconn",
+    repeat: int = 1,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
-    env["DATABASE_URL"] = pg.dsn(tcp=True)
-    env["PYTHONPATH"] = str(REPO)
-    if "WSGI_PGCONN_SERVER_VENV" in os.environ:  # where the real servers are
-        env["WSGI_PGCONN_SERVER_VENV"] = os.environ["WSGI_PGCONN_SERVER_VENV"]
+    argv = bench_argv(
+        "--use-database-url", "--repeat", str(repeat), "--json", str(out), *extra, variants=variants
+    )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wsgi_pgconn.bench",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.3",
-            "--repeat",
-            "1",
-            "--variants",
-            variants,
-            "--json",
-            str(out),
-            *extra,
-        ],
+        argv,
         cwd=REPO,
-        env=env,
+        env=bench_env(pg, dbname),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not table_exists(pg, dbname), "the benchmark left its table behind"
     return proc, json.loads(out.read_text())
+
+
+def table_rows(stdout: str) -> dict[str, str]:
+    """The table's lines by variant: after the header and its rule, up to the blank line."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("variant "))
+    assert "req/s" in lines[header]
+    assert "min-max" in lines[header]
+    assert "x hand-held" in lines[header]
+    rows: dict[str, str] = {}
+    for line in lines[header + 2 :]:
+        if not line.strip():
+            break
+        rows[line.split()[0]] = line
+    return rows
 
 
 def check(pg: Any, proc: subprocess.CompletedProcess[str], data: dict[str, Any]) -> None:
@@ -65,61 +128,175 @@ def check(pg: Any, proc: subprocess.CompletedProcess[str], data: dict[str, Any])
         assert row["p50_ms"] > 0, row
         assert row["p99_ms"] >= row["p50_ms"], row
         assert row["server_connections"] >= 1, row
+        assert row["rps_min"] <= row["rps"] <= row["rps_max"], row
+    # the header says what was measured on
+    out = proc.stdout
+    assert f"client:   Python {data['environment']['client_python']['version']} " in out
+    assert f"({sys.executable})" in out
+    server = data["environment"]["server_python"]
+    assert "servers:  " in out
+    if server["executable"] != sys.executable:
+        assert f"Python {server['version']} ({server['executable']})" in out
+    assert "database: PostgreSQL " in out
+    assert "(not created by the benchmark)" in out  # DATABASE_URL, said so
+    machine = next(line for line in out.splitlines() if line.startswith("machine:  "))
+    assert " CPUs" in machine
+    assert "load average" in machine
+    if data["server"] == "mod_wsgi":
+        assert f"mod_wsgi {server['packages']['mod_wsgi']}" in out
     # the table: a header, a rule and one line per variant
-    lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("variant "))
-    assert "req/s" in lines[header]
-    assert "x hand-held" in lines[header]
-    table = {line.split()[0]: line for line in lines[header + 2 :] if line.strip()}
+    table = table_rows(out)
     assert set(table) == {"handheld", "pgconn-thread", "django-pgconn"}
-    assert table["handheld"].rstrip().endswith("1.00")  # its own ratio
+    assert table["handheld"].rstrip().endswith("1.00")  # its own ratio, never noise
     if rows["django-pgconn"]["skipped"]:
         assert "skipped: " in table["django-pgconn"]
-    # the password in DATABASE_URL is never printed
+    # the password in DATABASE_URL is never printed; the masked target is
     password = getattr(pg, "password", "")
     if password:
         assert password not in proc.stdout + proc.stderr
+        assert "password=********" in proc.stderr
 
 
 @pytest.mark.slow
-def test_bench_fallbacks_werkzeug_python_load(pg: Any, tmp_path: Path) -> None:
+def test_bench_fallbacks_werkzeug_python_load(pg: Any, bench_db: str, tmp_path: Path) -> None:
     """The fallbacks that need nothing installed: werkzeug and the Python load generator."""
-    proc, data = run_bench(pg, tmp_path, "--server", "werkzeug", "--load", "python")
+    proc, data = run_bench(pg, bench_db, tmp_path, "--server", "werkzeug", "--load", "python")
     assert data["server"] == "werkzeug"
     assert data["load"] == "python"
     assert "a thread per request" in proc.stdout
+    assert "servers:  the client's Python; werkzeug " in proc.stdout
+    assert "one run per variant: no spread" in proc.stdout
     check(pg, proc, data)
 
 
 @pytest.mark.slow
-def test_bench_default_server_and_load(pg: Any, tmp_path: Path) -> None:
-    """Whatever is installed (mod_wsgi-express and wrk in CI)."""
-    proc, data = run_bench(pg, tmp_path)
+def test_bench_default_server_and_load(pg: Any, bench_db: str, tmp_path: Path) -> None:
+    """Whatever is installed (mod_wsgi-express and wrk in CI); two repeats, so a spread."""
+    proc, data = run_bench(pg, bench_db, tmp_path, repeat=2)
     if os.environ.get("CI"):
         assert data["server"] == "mod_wsgi", "run bash .ci/install-servers.sh"
         assert data["load"] == "wrk", "run bash .ci/install-servers.sh"
     check(pg, proc, data)
+    rows = {r["variant"]: r for r in data["results"]}
+    table = table_rows(proc.stdout)
+    for name in ("handheld", "pgconn-thread"):
+        low, high = rows[name]["rps_min"], rows[name]["rps_max"]
+        assert f"  {low:.0f}-{high:.0f}  " in table[name]
+    hand, thread = rows["handheld"], rows["pgconn-thread"]
+    overlap = thread["rps_min"] <= hand["rps_max"] and hand["rps_min"] <= thread["rps_max"]
+    assert table["pgconn-thread"].rstrip().endswith(" ~") == overlap
+    assert "A ratio marked ~ is" in proc.stdout
 
 
 @pytest.mark.slow
-def test_bench_pgbouncer_over_its_unix_socket(pg: Any, tmp_path: Path) -> None:
+def test_bench_pgbouncer_over_its_unix_socket(pg: Any, bench_db: str, tmp_path: Path) -> None:
     """The servers' unprivileged user connects to PgBouncer's socket (trust) per request."""
-    from wsgi_pgconn.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
+    from wsgi_pgconn.tooling.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
 
     if pgbouncer_path() is None:
         pytest.skip(INSTALL_HINT)
-    proc, data = run_bench(pg, tmp_path, variants="pgbouncer")
+    proc, data = run_bench(pg, bench_db, tmp_path, variants="pgbouncer")
     (row,) = data["results"]
     assert row["failed"] is None, proc.stderr
     assert row["skipped"] is None, row
     assert row["errors"] == 0, proc.stderr
     assert row["rps"] > 0, row
     assert "unix socket" in row["label"]
+    assert "PgBouncer " in proc.stdout  # its version, in the header
+
+
+def test_database_url_needs_the_flag(pg: Any, bench_db: str) -> None:
+    """A DATABASE_URL the benchmark did not create is named (masked) and refused."""
+    proc = subprocess.run(
+        bench_argv(variants="handheld"),
+        cwd=REPO,
+        env=bench_env(pg, bench_db),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "DATABASE_URL is set (" in proc.stderr
+    assert f"dbname={bench_db}" in proc.stderr
+    assert "--use-database-url" in proc.stderr
+    assert proc.stdout == ""
+    password = getattr(pg, "password", "")
+    if password:
+        assert password not in proc.stderr
+        assert "password=********" in proc.stderr
+    assert not table_exists(pg, bench_db)
+
+
+def test_a_table_already_there_is_left_alone(pg: Any, bench_db: str) -> None:
+    admin(pg, bench_db, f"CREATE TABLE {PAGE_TABLE} (mine text)")
+    admin(pg, bench_db, f"INSERT INTO {PAGE_TABLE} VALUES ('keep me')")
+    proc = subprocess.run(
+        bench_argv("--use-database-url", variants="handheld"),
+        cwd=REPO,
+        env=bench_env(pg, bench_db),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"the table {PAGE_TABLE} already exists" in proc.stderr
+    assert admin(pg, bench_db, f"SELECT mine FROM {PAGE_TABLE}") == [("keep me",)]
 
 
 @pytest.mark.slow
+def test_ctrl_c_drops_the_table_and_stops_the_servers(pg: Any, bench_db: str) -> None:
+    """SIGINT in the middle of a run: exit 130, the table dropped, no server left connected."""
+    proc = subprocess.Popen(
+        bench_argv(
+            "--use-database-url",
+            "--server",
+            "werkzeug",
+            "--load",
+            "python",
+            variants="handheld",
+            duration="60",
+        ),
+        cwd=REPO,
+        env=bench_env(pg, bench_db),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Wait until the page is being served under load: the server holds a connection.
+        deadline = time.monotonic() + 90
+        while not admin(
+            pg,
+            bench_db,
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'bench_handheld'",
+        ):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the benchmark never started serving"
+            time.sleep(0.1)
+        assert table_exists(pg, bench_db)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stderr
+    assert not table_exists(pg, bench_db)
+    # The server was stopped: its backends leave as soon as they notice (poll, bounded).
+    left = "SELECT pid FROM pg_stat_activity WHERE application_name = 'bench_handheld'"
+    deadline = time.monotonic() + 15
+    while admin(pg, bench_db, left):
+        assert time.monotonic() < deadline, "the server's connections were left behind"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster_only("starts a throwaway cluster of its own and reads its log")
 def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
-    """``python -m wsgi_pgconn.bench.cpu`` on its own throwaway cluster, a few requests."""
+    """``python -m wsgi_pgconn.tooling.bench.cpu`` on its own throwaway cluster, a few requests."""
     out = tmp_path / "cpu.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
     env.pop("DATABASE_URL", None)
@@ -128,7 +305,7 @@ def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "wsgi_pgconn.bench.cpu",
+            "wsgi_pgconn.tooling.bench.cpu",
             "--variants",
             "django-maxage,django-pgconn",
             "--requests",

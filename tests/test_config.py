@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import socket
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
 
 from wsgi_pgconn import ConfigurationError, PgConnMiddleware, get_connection
 from wsgi_pgconn.config import SETTINGS
+from wsgi_pgconn.tooling.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -62,13 +62,6 @@ def env_mw() -> Iterator[Callable[..., tuple[Any, PgConnMiddleware]]]:
     yield make
     for mw in built:
         mw.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 # -- bad values fail at construction -----------------------------------------------------

@@ -277,18 +277,31 @@ def wait_backends_gone(admin: Any, pids: Iterable[int]) -> None:
 
 
 @pytest.fixture(name="rt_role", scope="session")
-def rt_role_fixture(pg: Any, test_db: str) -> tuple[str, str]:
-    """A login role used only by round-trip-counting tests: (name, password)."""
+def rt_role_fixture(pg: Any, test_db: str) -> Iterator[tuple[str, str]]:
+    """A login role used only by round-trip-counting tests: (name, password); dropped at the end."""
     password = "rt-" + uuid.uuid4().hex
-    conn = psycopg2.connect(pg.dsn(dbname=test_db))
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP ROLE IF EXISTS {RT_ROLE}")
-            cur.execute(f"CREATE ROLE {RT_ROLE} LOGIN SUPERUSER PASSWORD %s", (password,))
-    finally:
-        conn.close()
-    return RT_ROLE, password
+
+    def run(*statements: str) -> None:
+        conn = psycopg2.connect(pg.dsn(dbname=test_db))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        finally:
+            conn.close()
+
+    run(f"DROP ROLE IF EXISTS {RT_ROLE}")
+    run(f"CREATE ROLE {RT_ROLE} LOGIN SUPERUSER PASSWORD '{password}'")
+    yield RT_ROLE, password
+    # A superuser with a password must not outlive the run on somebody's own server.
+    # (Each test module that imports this fixture has an instance of its own: the
+    # role may already be gone.)
+    run(
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{RT_ROLE}'",
+        f"DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{RT_ROLE}') THEN "
+        f"DROP OWNED BY {RT_ROLE}; DROP ROLE {RT_ROLE}; END IF; END $$",
+    )
 
 
 @pytest.fixture(name="rt_dsn")
@@ -333,7 +346,7 @@ class RoundTrips:
 
 
 @pytest.fixture(name="rt")
-def rt_fixture(pg: Any, test_db: str) -> RoundTrips:
+def rt_fixture(pg: Any, test_db: str, pg_stat_statements: None) -> RoundTrips:
     return RoundTrips(pg, test_db)
 
 

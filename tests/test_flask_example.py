@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from wsgi_pgconn.bench.servers import free_port, http_get
-from wsgi_pgconn.tempdb import BINDIR_ENV
+from wsgi_pgconn.tooling.bench.servers import free_port, http_get
+from wsgi_pgconn.tooling.tempdb import BINDIR_ENV
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flask" / "app.py"
 
@@ -85,6 +85,7 @@ def test_pages(example: tuple[ModuleType, Any], admin: Any, app_name: str) -> No
     assert health.json == {"ok": True, "database": False}
 
 
+@pytest.mark.cluster_only("runs the example on a throwaway cluster of its own")
 def test_one_command_run_with_embedded_cluster(tmp_path: Path) -> None:
     """``python examples/flask/app.py`` with DATABASE_URL unset starts a throwaway cluster."""
 

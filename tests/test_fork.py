@@ -246,6 +246,7 @@ def unclean_lines(log: str, pid: int) -> list[str]:
     ]
 
 
+@pytest.mark.cluster_only("reads the server log")
 @pytest.mark.parametrize("scope", ["thread", "pool"])
 @pytest.mark.parametrize("exit_kind", ["normal", "abrupt"])
 def test_process_exit_closes_connections_cleanly(

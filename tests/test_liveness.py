@@ -41,6 +41,8 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
     webtest,
 )
 
+from wsgi_pgconn.tooling.ports import bind_free_port, free_port
+
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 HDRS = [("Content-Type", "text/plain")]
@@ -159,6 +161,7 @@ def test_terminated_backend_detected_as_soon_as_its_message_arrives(
     assert mw.stats()["discarded"]["broken"] == 0
 
 
+@pytest.mark.cluster_only("restarts the server")
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_server_restart_every_thread_recovers(
     mode: str,
@@ -550,21 +553,14 @@ def test_on_begin_settings_vanish_at_commit_and_rollback(make_mw: Any) -> None:
 # -- the server cannot be reached -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP port that accepts connections and never says a word (a hung server)."""
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    port = bind_free_port(listener)
     listener.listen(16)
     try:
-        yield listener.getsockname()[1]
+        yield port
     finally:
         listener.close()
 

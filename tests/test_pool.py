@@ -9,7 +9,6 @@ with sleeps.
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from typing import Any
@@ -31,6 +30,7 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
 )
 
 from wsgi_pgconn import MiddlewareNotInstalled
+from wsgi_pgconn.tooling.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -228,9 +228,7 @@ def test_exempt_paths_from_the_environment(monkeypatch: pytest.MonkeyPatch, make
 
 
 def test_failed_connect_frees_its_pool_slot(make_mw: Any) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     outer, mw = stack(
         make_mw,
         pid_app,

@@ -1,4 +1,4 @@
-"""Tests for wsgi_pgconn.tempdb against real PostgreSQL clusters (no mocks)."""
+"""Tests for wsgi_pgconn.tooling.tempdb against real PostgreSQL clusters (no mocks)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from wsgi_pgconn.tempdb import BINDIR_ENV, TempClusterError, TemporaryCluster, find_bindir
+from wsgi_pgconn.tooling.ports import PORT_RANGE_ENV, bind_free_port, port_range
+from wsgi_pgconn.tooling.tempdb import BINDIR_ENV, TempClusterError, TemporaryCluster, find_bindir
+
+pytestmark = pytest.mark.cluster_only("starts throwaway clusters of its own")
 
 REPO = Path(__file__).resolve().parent.parent
 QUOTED_NAME = "it's a \\ test"  # exercises postgresql.conf quoting
@@ -118,7 +121,8 @@ def test_unix_socket_uses_trust(cluster: TemporaryCluster) -> None:
 
 
 def test_server_settings(cluster: TemporaryCluster) -> None:
-    assert 20000 <= cluster.port < 30000
+    first, last = port_range()
+    assert first <= cluster.port <= last
     dsn = cluster.dsn(tcp=False)
     expected = {
         "fsync": "off",
@@ -135,6 +139,23 @@ def test_server_settings(cluster: TemporaryCluster) -> None:
     }
     for name, value in expected.items():
         assert query(dsn, f"SHOW {name}") == value, name
+
+
+def test_port_range_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        first = bind_free_port(probe)  # free: bound, never listened on, closed
+    monkeypatch.setenv(PORT_RANGE_ENV, f"{first}-{first}")  # a range of one port
+    with TemporaryCluster() as narrow:
+        assert narrow.port == first
+        assert query(narrow.dsn()) == 1
+
+
+def test_invalid_port_range_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PORT_RANGE_ENV, "29999-20000")
+    cluster = TemporaryCluster()
+    with pytest.raises(TempClusterError, match=r"PORT_RANGE='29999-20000' is not valid"):
+        cluster.start()
+    assert cluster.removed
 
 
 def test_password_is_never_exposed(cluster: TemporaryCluster) -> None:
@@ -237,9 +258,8 @@ def test_cleanup_removes_everything() -> None:
 
 def test_failed_start_reports_log_and_cleans_up() -> None:
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        port = bind_free_port(busy)
         busy.listen()
-        port = busy.getsockname()[1]
         cluster = TemporaryCluster(port=port)
         with pytest.raises(TempClusterError, match=r"could not bind|already in use") as info:
             cluster.start()
@@ -296,7 +316,7 @@ def test_atexit_fallback_and_forked_children() -> None:
     result = run_python(
         """
         import os, sys
-        from wsgi_pgconn.tempdb import TemporaryCluster
+        from wsgi_pgconn.tooling.tempdb import TemporaryCluster
         c = TemporaryCluster().start()
         pid = int((c.data_dir / "postmaster.pid").read_text().split()[0])
         print(c.directory, pid, flush=True)
@@ -331,6 +351,7 @@ def test_help_mentions_the_printed_password() -> None:
 
 def test_main_runs_in_foreground_until_sigint() -> None:
     argv = [sys.executable, "-m", "wsgi_pgconn.tempdb", "-c", "application_name=from-main"]
+    argv += ["--dbname", "notes"]
     with subprocess.Popen(
         argv,
         cwd=REPO,
@@ -356,8 +377,10 @@ def test_main_runs_in_foreground_until_sigint() -> None:
             assert directory.is_dir()
 
             tcp_url = tcp_line.split("=", 1)[1]
+            assert tcp_url.endswith("/notes")  # --dbname: created, and named in the URLs
             assert query(tcp_url, "SHOW application_name") == "from-main"
-            assert query(unix_line.split("=", 1)[1]) == 1
+            assert query(tcp_url, "SELECT current_database()") == "notes"
+            assert query(unix_line.split("=", 1)[1], "SELECT current_database()") == "notes"
 
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=30)

@@ -155,7 +155,7 @@ def main(argv=None):
     dsn = os.environ.get("DATABASE_URL")
     with contextlib.ExitStack() as stack:
         if not dsn:
-            from wsgi_pgconn.tempdb import TemporaryCluster
+            from wsgi_pgconn.tooling.tempdb import TemporaryCluster
 
             cluster = stack.enter_context(TemporaryCluster())
             dsn = cluster.url()

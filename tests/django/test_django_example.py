@@ -28,7 +28,7 @@ import psycopg2.extensions
 import pytest
 from djtest_helpers import query
 
-from wsgi_pgconn.bench import servers
+from wsgi_pgconn.tooling.bench import servers
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "django"

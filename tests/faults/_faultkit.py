@@ -3,8 +3,9 @@
 * :class:`PoolServer`: wsgiref's HTTP handling on a **fixed pool of worker
   threads** (a thread lives as long as the server, so thread-scope connections
   are reused across requests, as under mod_wsgi or gunicorn gthread). Bound to
-  127.0.0.1 on a free port in 20000-29999. Application errors are logged
-  through :mod:`logging` (logger ``faults.server``), not printed.
+  127.0.0.1 on a free port of ``WSGI_PGCONN_PORT_RANGE`` (20000-29999 unless
+  set). Application errors are logged through :mod:`logging` (logger
+  ``faults.server``), not printed.
 * :func:`http` / :func:`stream_then_reset`: one request per TCP connection.
 * :class:`Ledger`: what every request was answered, checked against the rows
   in the database: a 2xx must have its row exactly once, anything else
@@ -636,7 +637,7 @@ def wind_down(admin: Admin, app_name: str, server: PoolServer | None, mw: Any) -
 
 
 def unused_port() -> int:
-    """A port in 20000-29999 that nothing listens on (connecting to it is refused)."""
+    """A port of the port range that nothing listens on (connecting to it is refused)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         return bind_free_port(sock)

@@ -1,9 +1,10 @@
 """A small TCP proxy for fault tests, with a blackhole switch.
 
 ``BlackholeProxy(target_port)`` listens on 127.0.0.1 (a free port in
-20000-29999) and relays every connection to ``127.0.0.1:target_port`` from
-one background thread. ``blackhole(True)`` makes the path stop answering
-without closing anything, the way a dead router or a dropped VPN does:
+``WSGI_PGCONN_PORT_RANGE``, 20000-29999 unless set) and relays every
+connection to ``127.0.0.1:target_port`` from one background thread.
+``blackhole(True)`` makes the path stop answering without closing anything,
+the way a dead router or a dropped VPN does:
 
 * nothing more is relayed in either direction;
 * every packet that reaches the proxy's client-facing sockets, and its
@@ -37,17 +38,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import random
 import select
 import socket
 import threading
 from types import TracebackType
 
+from wsgi_pgconn.tooling.ports import bind_free_port
+
 __all__ = ["BlackholeProxy", "bind_free_port"]
 
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
-PORT_RANGE = (20000, 30000)
 _CHUNK = 65536
 _MAX_BUFFERED = 1 << 20  # per direction; stop reading a side while its peer lags
 
@@ -83,21 +84,6 @@ def _drop_everything(sock: socket.socket, on: bool) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.EBADF, errno.ENOTCONN):
             raise
-
-
-def bind_free_port(sock: socket.socket, host: str = "127.0.0.1") -> int:
-    """Bind ``sock`` to a free port in 20000-29999 (random, retried); return the port."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(*PORT_RANGE)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                continue
-            raise
-        return port
-    raise OSError(errno.EADDRINUSE, f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1}")
 
 
 class _Pair:

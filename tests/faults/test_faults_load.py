@@ -38,6 +38,7 @@ def writes(prefix: str) -> kit.RequestMaker:
     return lambda i: (key(i), "GET", f"/write?k={key(i)}", None)
 
 
+@pytest.mark.cluster_only("restarts the server")
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_restart_under_load(
     mode: str,

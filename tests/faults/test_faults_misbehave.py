@@ -13,7 +13,7 @@ so consecutive requests share a connection (unless it is discarded):
 Outcome per case and mode: ``blocked`` (TransactionManaged), ``reset`` (the
 next request sees the baseline), ``discarded`` (the next request got another
 connection), ``persists`` (documented session state that ``reset=rollback``
-keeps: README "Session state"), or ``LEAKS``/``BYPASS`` (a regression: the next
+keeps: docs/transactions.md, "Session state"), or ``LEAKS``/``BYPASS`` (a regression: the next
 request is affected, or the request's own commit/rollback was subverted).
 The table is printed in the terminal summary.
 """

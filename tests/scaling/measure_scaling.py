@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling_servers import PgBouncer, query
 
 from wsgi_pgconn import PgConnMiddleware, get_connection
-from wsgi_pgconn.tempdb import TemporaryCluster
+from wsgi_pgconn.tooling.tempdb import TemporaryCluster
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -1,6 +1,7 @@
 """Launchers for the scaling tests: PgBouncer, pgpool-II and a streaming-replication standby.
 
-Everything runs on 127.0.0.1 on ports 20000-30000, in a private temporary
+Everything runs on 127.0.0.1 on ports of ``WSGI_PGCONN_PORT_RANGE`` (20000-29999
+unless set), in a private temporary
 directory, as the unprivileged OS user of the throwaway cluster (``postgres``
 when the tests run as root: PgBouncer, pgpool-II and PostgreSQL refuse to run
 as root). The poolers reach PostgreSQL over its unix socket, where the
@@ -17,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -33,10 +32,10 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from wsgi_pgconn.tempdb import TemporaryCluster, find_bindir
+from wsgi_pgconn.tooling.ports import free_port
+from wsgi_pgconn.tooling.tempdb import TemporaryCluster, find_bindir
 
 INSTALL_SCRIPT = ".ci/install-scaling.sh"
-PORT_RANGE = (20000, 30000)
 LOOPBACK = "127.0.0.1"
 
 T = TypeVar("T")
@@ -63,22 +62,6 @@ def require_program(name: str, package: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
-
-
-def free_port(exclude: Sequence[int] = ()) -> int:
-    """A TCP port in 20000-29999 that is free on the loopback interface right now."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(*PORT_RANGE)
-        if port in exclude:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free port in {PORT_RANGE} on {LOOPBACK}")
 
 
 def poll(

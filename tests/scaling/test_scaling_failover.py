@@ -25,6 +25,10 @@ from scaling_wsgi import Response, call, write_app
 
 from wsgi_pgconn import PgConnMiddleware
 
+pytestmark = pytest.mark.cluster_only(
+    "starts a primary and a streaming-replication standby of its own"
+)
+
 MakeMw = Callable[..., PgConnMiddleware]
 DB = "postgres"
 TABLE = "ledger"

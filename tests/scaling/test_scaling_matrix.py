@@ -22,6 +22,10 @@ from scaling_wsgi import Response, call, ledger_app, matrix_app, open_response
 
 from wsgi_pgconn import PgConnMiddleware
 
+pytestmark = pytest.mark.cluster_only(
+    "puts PgBouncer and pgpool-II in front of the throwaway cluster's unix socket"
+)
+
 MakeMw = Callable[..., PgConnMiddleware]
 
 

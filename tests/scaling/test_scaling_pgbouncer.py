@@ -26,6 +26,10 @@ from scaling_wsgi import call, matrix_app, open_response
 
 from wsgi_pgconn import ConfigurationError, PgConnMiddleware, get_connection
 
+pytestmark = pytest.mark.cluster_only(
+    "puts PgBouncer in front of the throwaway cluster's unix socket"
+)
+
 MakeMw = Callable[..., PgConnMiddleware]
 
 

@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 from _serverkit import TABLE, PendingRequests, Probe
 
-from wsgi_pgconn.bench import servers
+from wsgi_pgconn.tooling.bench import servers
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "flask"

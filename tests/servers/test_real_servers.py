@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from _serverkit import Probe, server_env, table_locked
 
-from wsgi_pgconn.bench import servers
+from wsgi_pgconn.tooling.bench import servers
 
 pytestmark = pytest.mark.slow
 
@@ -250,6 +250,7 @@ def unclean_closes(log: str, pids: set[int] | None = None) -> list[str]:
     ]
 
 
+@pytest.mark.cluster_only("reads the server log")
 def test_mod_wsgi_maximum_requests_closes_cleanly(
     mod_wsgi_available, served_tree, app_dsn, probe, run_server, pg
 ):

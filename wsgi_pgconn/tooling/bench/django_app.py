@@ -25,7 +25,7 @@ from typing import Any
 
 from psycopg2.extensions import parse_dsn
 
-from wsgi_pgconn.bench.apps import cursor_fetchone, run_page
+from wsgi_pgconn.tooling.bench.apps import cursor_fetchone, run_page
 
 MODE = os.environ.get("WSGI_PGCONN_BENCH_DJANGO", "maxage")
 DSN = os.environ["WSGI_PGCONN_BENCH_DSN"]

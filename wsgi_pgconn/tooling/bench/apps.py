@@ -1,8 +1,9 @@
 """WSGI applications served by the benchmark, one per kind of connection handling.
 
-A server imports ``wsgi_pgconn.bench.apps`` (or ``wsgi_pgconn.bench.django_app``)
-and serves ``application``; which one is built is chosen by environment
-variables that the runner sets for the server process:
+A server imports ``wsgi_pgconn.tooling.bench.apps`` (or
+``wsgi_pgconn.tooling.bench.django_app``) and serves ``application``; which
+one is built is chosen by environment variables that the runner sets for the
+server process:
 
 ``WSGI_PGCONN_BENCH_APP``        connect | handheld | pgconn | threadedpool | sqlalchemy
 ``WSGI_PGCONN_BENCH_DSN``        libpq connection string or URL

@@ -1,7 +1,7 @@
 """Load generators: ``wrk`` when installed, else a Python one in its own process.
 
 Both return a :class:`LoadResult`.  The Python generator runs as
-``python -m wsgi_pgconn.bench.load URL --connections N --duration S`` and
+``python -m wsgi_pgconn.tooling.bench.load URL --connections N --duration S`` and
 prints one JSON object; it keeps N HTTP/1.1 keep-alive connections busy
 (reconnecting when the server closes, as gunicorn's sync workers do).
 """
@@ -109,13 +109,15 @@ def run_wrk(url: str, connections: int, duration: float, threads: int | None = N
 
 def run_python_load(url: str, connections: int, duration: float) -> LoadResult:
     """Run the Python generator in a separate process (so it does not share our GIL)."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import wsgi_pgconn
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(wsgi_pgconn.__file__)))
     pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "wsgi_pgconn.bench.load",
+            "wsgi_pgconn.tooling.bench.load",
             url,
             "--connections",
             str(connections),
@@ -248,7 +250,7 @@ async def generate(url: str, connections: int, duration: float) -> dict[str, Any
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m wsgi_pgconn.bench.load",
+        prog="python -m wsgi_pgconn.tooling.bench.load",
         description="HTTP load generator of the benchmark (used when wrk is not installed).",
     )
     parser.add_argument("url")

@@ -11,15 +11,12 @@ the checkout lives under ``/root``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import http.client
 import os
 import pwd
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +25,32 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import IO
 
+from wsgi_pgconn.tooling.ports import free_port
+
+__all__ = [
+    "DAEMON_USER",
+    "DEFAULT_VENV",
+    "INSTALL_HINT",
+    "Server",
+    "ServerError",
+    "free_port",
+    "gunicorn_python",
+    "gunicorn_server",
+    "http_get",
+    "make_world_readable",
+    "mod_wsgi_express",
+    "mod_wsgi_server",
+    "package_dir",
+    "python_has",
+    "server_venv",
+    "stage",
+    "venv_python",
+    "venv_tool",
+    "werkzeug_server",
+]
+
 DEFAULT_VENV = "/opt/wsgi-pgconn-servers"
 INSTALL_HINT = "bash .ci/install-servers.sh"
-PORT_RANGE = (20000, 30000)
 DAEMON_USER = "www-data"
 
 
@@ -90,22 +110,6 @@ def gunicorn_python() -> str | None:
     return None
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 in 20000-30000 (outside the ephemeral range)."""
-    ports = list(range(*PORT_RANGE))
-    random.shuffle(ports)
-    for port in ports[:200]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue
-                raise
-            return port
-    raise ServerError("no free port in {}-{}".format(*PORT_RANGE))
-
-
 def _ignore_junk(directory: str, names: list[str]) -> list[str]:
     return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))]
 
@@ -143,7 +147,9 @@ def make_world_readable(root: str) -> None:
 
 def package_dir() -> str:
     """The folder of the wsgi_pgconn package being run."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import wsgi_pgconn
+
+    return os.path.dirname(os.path.abspath(wsgi_pgconn.__file__))
 
 
 def http_get(

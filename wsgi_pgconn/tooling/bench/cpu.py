@@ -1,9 +1,10 @@
-"""``python -m wsgi_pgconn.bench.cpu``: CPU and round trips per request, in process.
+"""``python -m wsgi_pgconn.tooling.bench.cpu``: CPU and round trips per request, in process.
 
 No server, no HTTP: each variant's WSGI application (the benchmark's own
-modules, :mod:`wsgi_pgconn.bench.apps` and :mod:`wsgi_pgconn.bench.django_app`)
-is imported in a fresh Python process and called many times in one thread
-against a throwaway PostgreSQL cluster (or ``DATABASE_URL``). Each child
+modules, :mod:`wsgi_pgconn.tooling.bench.apps` and
+:mod:`wsgi_pgconn.tooling.bench.django_app`) is imported in a fresh Python
+process and called many times in one thread against a throwaway PostgreSQL
+cluster (or ``DATABASE_URL`` with ``--use-database-url``). Each child
 reports, per batch of ``--requests`` calls, the CPU time of the process
 (``time.process_time``: user + system, the libpq socket calls included; the
 server's own CPU is not in it) and the wall time (``time.perf_counter``,
@@ -32,7 +33,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from wsgi_pgconn.bench.variants import BY_NAME
+import wsgi_pgconn
+from wsgi_pgconn.tooling.bench.variants import BY_NAME
 
 DEFAULT_VARIANTS = (
     "handheld",
@@ -58,7 +60,7 @@ def _environ() -> dict[str, Any]:
         "SERVER_PROTOCOL": "HTTP/1.1",
         "REMOTE_ADDR": "127.0.0.1",
         "HTTP_HOST": "127.0.0.1:8000",
-        "HTTP_USER_AGENT": "wsgi_pgconn.bench.cpu",
+        "HTTP_USER_AGENT": "wsgi_pgconn.tooling.bench.cpu",
         "HTTP_ACCEPT": "*/*",
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
@@ -123,7 +125,7 @@ def _run_child(variant: str, dsn: str, requests: int, batches: int, warmup: int)
     argv = [
         sys.executable,
         "-m",
-        "wsgi_pgconn.bench.cpu",
+        "wsgi_pgconn.tooling.bench.cpu",
         "--child",
         variant,
         "--dsn",
@@ -143,7 +145,8 @@ def _run_child(variant: str, dsn: str, requests: int, batches: int, warmup: int)
 
 
 def _package_parent() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """The folder that holds the wsgi_pgconn package being run."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(wsgi_pgconn.__file__)))
 
 
 def _statements(log: str, application_name: str) -> list[str]:
@@ -153,7 +156,7 @@ def _statements(log: str, application_name: str) -> list[str]:
 
 def count_round_trips(cluster: Any, dsn: str, variant: str, requests: int) -> dict[str, Any]:
     """Statements the server received from ``variant``: first request, then per request."""
-    from wsgi_pgconn.bench.database import with_params
+    from wsgi_pgconn.tooling.bench.database import with_params
 
     counts = []
     tails: list[str] = []
@@ -174,7 +177,7 @@ def count_round_trips(cluster: Any, dsn: str, variant: str, requests: int) -> di
 
 
 def parent(args: argparse.Namespace) -> int:
-    from wsgi_pgconn.bench.database import open_database, with_params
+    from wsgi_pgconn.tooling.bench.database import open_database, with_params
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
@@ -187,7 +190,9 @@ def parent(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print("cpu: " + message, file=sys.stderr, flush=True)
 
-    with open_database(log, settings={"log_line_prefix": LOG_PREFIX}) as db:
+    with open_database(
+        log, settings={"log_line_prefix": LOG_PREFIX}, use_database_url=args.use_database_url
+    ) as db:
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]
             for name in order:
@@ -237,20 +242,33 @@ def format_results(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wsgi_pgconn.bench.cpu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m wsgi_pgconn.tooling.bench.cpu", description=__doc__
+    )
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     parser.add_argument("--requests", type=int, default=2000, help="requests per batch")
     parser.add_argument("--batches", type=int, default=5, help="batches per child")
     parser.add_argument("--rounds", type=int, default=3, help="children per variant")
     parser.add_argument("--warmup", type=int, default=200, help="requests before timing")
     parser.add_argument("--no-round-trips", action="store_true")
+    parser.add_argument(
+        "--use-database-url",
+        action="store_true",
+        help="use the database named by DATABASE_URL (else a set DATABASE_URL is refused)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dsn", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.dsn, args.requests, args.batches, args.warmup)
-    return parent(args)
+    from wsgi_pgconn.tooling.bench.database import DatabaseRefused
+
+    try:
+        return parent(args)
+    except DatabaseRefused as exc:
+        print(f"cpu: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

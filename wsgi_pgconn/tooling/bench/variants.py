@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 class Variant:
     name: str
     label: str
-    module: str = "wsgi_pgconn.bench.apps"
+    module: str = "wsgi_pgconn.tooling.bench.apps"
     env: dict[str, str] = field(default_factory=dict)
     dsn: str = "tcp"  # tcp | unix | pgbouncer
     threads: int | None = None  # server threads per process, when not the default
@@ -18,8 +18,8 @@ class Variant:
     needs_package: tuple[str, ...] = ()  # wsgi_pgconn submodules that must exist
 
 
-APPS = "wsgi_pgconn.bench.apps"
-DJANGO = "wsgi_pgconn.bench.django_app"
+APPS = "wsgi_pgconn.tooling.bench.apps"
+DJANGO = "wsgi_pgconn.tooling.bench.django_app"
 
 VARIANTS = [
     Variant(

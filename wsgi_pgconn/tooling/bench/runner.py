@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from wsgi_pgconn.bench import load as loadgen
-from wsgi_pgconn.bench import servers
-from wsgi_pgconn.bench.variants import (
+from wsgi_pgconn.tooling.bench import environment as envinfo
+from wsgi_pgconn.tooling.bench import load as loadgen
+from wsgi_pgconn.tooling.bench import servers
+from wsgi_pgconn.tooling.bench.database import DatabaseRefused
+from wsgi_pgconn.tooling.bench.variants import (
     BASELINE,
     BY_NAME,
     UPPER_BOUND,
@@ -27,8 +29,8 @@ from wsgi_pgconn.bench.variants import (
 )
 
 if TYPE_CHECKING:
-    from wsgi_pgconn.bench.database import BenchDatabase
-    from wsgi_pgconn.bench.pgbouncer import PgBouncer
+    from wsgi_pgconn.tooling.bench.database import BenchDatabase
+    from wsgi_pgconn.tooling.bench.pgbouncer import PgBouncer
 
 WERKZEUG_NOTE = (
     "werkzeug's threaded server starts a new thread for every request, so per-thread "
@@ -57,11 +59,24 @@ class Outcome:
     def median(values: list[float]) -> float | None:
         return statistics.median(values) if values else None
 
+    def spread(self) -> tuple[float, float] | None:
+        """(min, max) of requests/s over the repeats; None with fewer than two runs."""
+        return (min(self.rps), max(self.rps)) if len(self.rps) >= 2 else None
+
+    def within_spread_of(self, other: Outcome) -> bool:
+        """True when the two variants' min-max ranges overlap: their difference is noise."""
+        mine, theirs = self.spread(), other.spread()
+        if mine is None or theirs is None or other is self:
+            return False
+        return mine[0] <= theirs[1] and theirs[0] <= mine[1]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "variant": self.variant,
             "label": BY_NAME[self.variant].label,
             "rps": self.median(self.rps),
+            "rps_min": min(self.rps) if self.rps else None,
+            "rps_max": max(self.rps) if self.rps else None,
             "p50_ms": self.median(self.p50),
             "p99_ms": self.median(self.p99),
             "server_connections": max(self.conns) if self.conns else None,
@@ -145,6 +160,7 @@ class Bench:
         self.stage = ""
         self.bouncer: PgBouncer | None = None
         self._has_module: dict[str, bool] = {}
+        self.environment: envinfo.Environment | None = None
 
     @property
     def db(self) -> BenchDatabase:
@@ -177,7 +193,7 @@ class Bench:
                 "needs a unix-socket connection (unset DATABASE_URL to use the throwaway cluster)"
             )
         if variant.dsn == "pgbouncer":
-            from wsgi_pgconn.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
+            from wsgi_pgconn.tooling.bench.pgbouncer import INSTALL_HINT, pgbouncer_path
 
             if not pgbouncer_path():
                 return INSTALL_HINT
@@ -186,7 +202,7 @@ class Bench:
     # -- one measurement -----------------------------------------------------------
 
     def variant_dsn(self, variant: Variant, application_name: str) -> str:
-        from wsgi_pgconn.bench.database import with_params
+        from wsgi_pgconn.tooling.bench.database import with_params
 
         if variant.dsn == "pgbouncer":
             assert self.bouncer is not None
@@ -288,9 +304,10 @@ class Bench:
     # -- the whole run ---------------------------------------------------------------
 
     def run(self, names: Sequence[str]) -> dict[str, Outcome]:
-        from wsgi_pgconn.bench.database import open_database
+        from wsgi_pgconn.tooling.bench.database import open_database
 
         outcomes = {name: Outcome(name) for name in names}
+        load_at_start = envinfo.load_average()  # before this run adds its own load
         log("server: " + describe_server(self.server_kind, self.args.processes, self.args.threads))
         for note in self.server_notes:
             log("note: " + note)
@@ -305,7 +322,7 @@ class Bench:
             f"load: {tool}, {self.connections} connections, {self.args.duration} s per run"
             f" (+{self.args.warmup} s warm-up), {self.args.repeat} repeat(s)"
         )
-        with open_database(log) as db:
+        with open_database(log, use_database_url=self.args.use_database_url) as db:
             self._db = db
             self.stage = servers.stage([servers.package_dir()])
             try:
@@ -316,6 +333,9 @@ class Bench:
                         outcomes[name].skipped = reason
                     else:
                         runnable.append(name)
+                self.environment = self.collect_environment(db, load_at_start, runnable)
+                for line in self.environment.lines():
+                    log(line)
                 if "pgbouncer" in runnable:
                     self.start_pgbouncer()
                 for repeat in range(self.args.repeat):
@@ -334,9 +354,43 @@ class Bench:
                 self._db = None
         return outcomes
 
+    def collect_environment(
+        self,
+        db: BenchDatabase,
+        load: tuple[float, float, float] | None,
+        runnable: Sequence[str],
+    ) -> envinfo.Environment:
+        from wsgi_pgconn.tooling.bench.apps import PAGE_TABLE
+        from wsgi_pgconn.tooling.bench.pgbouncer import pgbouncer_path
+
+        if db.cluster is not None:
+            database = (
+                f"a throwaway cluster started for this run on {db.cluster.host}:{db.cluster.port}"
+                " and deleted at the end"
+            )
+        else:
+            database = (
+                f"{db.target} (not created by the benchmark); table {PAGE_TABLE} created"
+                " for this run and dropped at the end"
+            )
+        return envinfo.Environment(
+            client=envinfo.client_python(),
+            server=envinfo.python_info(self.server_python, envinfo.server_packages()),
+            server_kind=self.server_kind,
+            apache=envinfo.apache_version() if self.server_kind == "mod_wsgi" else None,
+            wrk=envinfo.wrk_version() if self.load_tool == "wrk" else None,
+            pgbouncer=(
+                envinfo.pgbouncer_version(pgbouncer_path()) if "pgbouncer" in runnable else None
+            ),
+            postgresql=db.server_version(),
+            database=database,
+            cpus=envinfo.cpu_counts(),
+            load=load,
+        )
+
     def start_pgbouncer(self) -> None:
-        from wsgi_pgconn.bench.database import with_params
-        from wsgi_pgconn.bench.pgbouncer import PgBouncer
+        from wsgi_pgconn.tooling.bench.database import with_params
+        from wsgi_pgconn.tooling.bench.pgbouncer import PgBouncer
 
         self.bouncer = PgBouncer(
             with_params(self.db.admin_dsn, application_name="bench_pgbouncer"),
@@ -350,8 +404,10 @@ class Bench:
 def format_table(outcomes: dict[str, Outcome], names: Sequence[str]) -> str:
     """The results as a plain-text table (medians over the repeats)."""
 
-    def ratio(value: float | None, base: float | None) -> str:
-        return f"{value / base:.2f}" if value is not None and base else "-"
+    def ratio(value: float | None, base: float | None, noise: bool) -> str:
+        if value is None or not base:
+            return "-"
+        return f"{value / base:.2f}" + (" ~" if noise else "  ")
 
     base = outcomes.get(BASELINE)
     upper = outcomes.get(UPPER_BOUND)
@@ -361,6 +417,7 @@ def format_table(outcomes: dict[str, Outcome], names: Sequence[str]) -> str:
         "variant",
         "description",
         "req/s",
+        "min-max",
         "p50 ms",
         "p99 ms",
         "conns",
@@ -377,15 +434,17 @@ def format_table(outcomes: dict[str, Outcome], names: Sequence[str]) -> str:
             )
             continue
         rps = Outcome.median(o.rps)
+        spread = o.spread()
         row: tuple[str, ...] = (
             name,
             BY_NAME[name].label,
             f"{rps:.1f}",
+            f"{spread[0]:.0f}-{spread[1]:.0f}" if spread else "-",
             f"{Outcome.median(o.p50):.2f}",
             f"{Outcome.median(o.p99):.2f}",
             str(max(o.conns)),
-            ratio(rps, base_rps),
-            ratio(rps, upper_rps),
+            ratio(rps, base_rps, base is not None and o.within_spread_of(base)),
+            ratio(rps, upper_rps, upper is not None and o.within_spread_of(upper)),
         )
         if o.errors:
             row = (*row, f"({o.errors} errors)")
@@ -414,6 +473,15 @@ def format_table(outcomes: dict[str, Outcome], names: Sequence[str]) -> str:
             lines.append(
                 f"{name.ljust(widths[0])}  {BY_NAME[name].label.ljust(widths[1])}  {other[name]}"
             )
+    if any(outcomes[n].spread() for n in names):
+        lines += [
+            "",
+            "min-max: the lowest and highest requests/s over the repeats. A ratio marked ~ is",
+            "inside the spread: the two variants' min-max ranges overlap, so that difference",
+            "is noise, not a measured difference.",
+        ]
+    else:
+        lines += ["", "one run per variant: no spread, so no difference can be called noise or not"]
     return "\n".join(lines)
 
 
@@ -423,8 +491,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=(
             "Serve a page of three small queries once per connection-handling variant under a "
             "real WSGI server, load it, and print requests/s, p50/p99 latency, the server "
-            "connections held and ratios. Starts a throwaway PostgreSQL cluster when "
-            "DATABASE_URL is unset."
+            "connections held and ratios. Starts a throwaway PostgreSQL cluster of its own; "
+            "a database named by DATABASE_URL is used only with --use-database-url."
         ),
     )
     parser.add_argument(
@@ -464,6 +532,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="per-process pool size of pool variants (default: threads)",
     )
+    parser.add_argument(
+        "--use-database-url",
+        action="store_true",
+        help=(
+            "benchmark the database named by DATABASE_URL (loads that server, creates a table "
+            "wsgi_pgconn_bench_item there and drops it at the end); without this flag a set "
+            "DATABASE_URL is refused"
+        ),
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     args = parser.parse_args(argv)
@@ -490,16 +567,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             print(f"bench: unknown variant(s): {', '.join(unknown)} (see --list)", file=sys.stderr)
             return 2
-    # SIGTERM -> SystemExit, so that servers, PgBouncer and the cluster are cleaned up.
+    # SIGTERM -> SystemExit and Ctrl-C -> KeyboardInterrupt unwind through the
+    # finally blocks: servers, PgBouncer, the cluster and the table are cleaned up.
     signal.signal(signal.SIGTERM, _terminate)
     bench = Bench(args)
-    outcomes = bench.run(names)
+    try:
+        outcomes = bench.run(names)
+    except DatabaseRefused as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; what it started and created is cleaned up", file=sys.stderr)
+        return 130
     load_name = "wrk" if bench.load_tool == "wrk" else "Python load generator"
     print()
     print(
         f"{describe_server(bench.server_kind, args.processes, args.threads)}; {load_name}; "
         f"{bench.connections} connections; {args.duration} s x {args.repeat} repeat(s), medians"
     )
+    if bench.environment is not None:
+        for line in bench.environment.lines():
+            print(line)
     if bench.server_kind == "werkzeug":
         print("note: " + WERKZEUG_NOTE)
     print(format_table(outcomes, names))
@@ -512,6 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "connections": bench.connections,
                     "duration": args.duration,
                     "repeat": args.repeat,
+                    "environment": (
+                        bench.environment.as_dict() if bench.environment is not None else None
+                    ),
                     "results": [outcomes[n].as_dict() for n in names],
                 },
                 f,

@@ -1,0 +1,27 @@
+"""The headline benchmark: ``python -m wsgi_pgconn.bench``.
+
+It serves one small page (three short queries in one transaction) through a
+real WSGI server once per *variant* -- a way of getting a PostgreSQL
+connection for the request -- drives it with ``wrk`` (or a Python load
+generator) and prints one table: requests/s with the spread over the
+repeats, p50 and p99 latency, the server connections held, and ratios against
+connecting per request over TCP with password authentication and against a
+hand-held persistent connection per thread. Its header says what it measured
+on: the client's and the servers' Python, the servers' versions, PostgreSQL's
+version, the CPUs and the load average at the start.
+
+Modules:
+
+``runner``    command line, orchestration and the table
+``variants``  the list of variants and what each one needs
+``apps``      the WSGI applications the servers import (one per variant)
+``django_app`` the page as a Django project (the Django variants)
+``servers``   starting mod_wsgi-express, gunicorn or werkzeug on loopback
+``load``      wrk and the fallback Python load generator
+``pgbouncer`` a throwaway PgBouncer in transaction mode, reached over its unix socket
+``database``  the database under test (the throwaway cluster, or DATABASE_URL with
+              ``--use-database-url``), and the table it creates and drops there
+``environment`` what the run measured on, for the header
+``cpu``       ``python -m wsgi_pgconn.tooling.bench.cpu``: CPU and round trips per
+              request of the same applications, called in process (no server)
+"""

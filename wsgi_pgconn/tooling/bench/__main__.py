@@ -1,0 +1,5 @@
+import sys
+
+from wsgi_pgconn.tooling.bench.runner import main
+
+sys.exit(main())
