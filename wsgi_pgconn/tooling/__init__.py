@@ -1,0 +1,1 @@
+"""Tooling the library never imports."""
