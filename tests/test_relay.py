@@ -254,3 +254,16 @@ def test_subprocess_relays_postgresql_and_reports(pg: Any, test_db: str, tmp_pat
     saved = json.loads(stats_file.read_text())
     assert saved["turns"] == final.turns >= 5 + 4  # the startup's turns too
     assert "relay (rtt 2 ms)" in final.summary()
+
+
+def test_listens_on_a_socket_the_caller_bound(scripted: Any) -> None:
+    server = scripted([startup_message()], [ANSWER])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    with (
+        Relay(("127.0.0.1", server.port), listener=listener) as relay,
+        socket.create_connection(("127.0.0.1", port)) as sock,
+    ):
+        assert relay.port == port
+        assert exchange(sock, startup_message(), len(ANSWER), piecewise=False) == ANSWER

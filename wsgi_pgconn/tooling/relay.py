@@ -508,8 +508,10 @@ class Relay:
     """Relay ``listen`` to ``target``, holding data ``rtt / 2`` each way; see the module docstring.
 
     ``target`` is ``(host, port)`` or a unix socket path; ``listen`` defaults
-    to a free port on 127.0.0.1 (:attr:`port` says which). :meth:`start` runs
-    the relay in a background thread; :meth:`serve_forever` in the calling one.
+    to a free port on 127.0.0.1 (:attr:`port` says which); ``listener``, a
+    bound TCP socket, is used instead of ``listen`` (a port picked by the
+    caller's own rules). :meth:`start` runs the relay in a background thread;
+    :meth:`serve_forever` in the calling one.
     """
 
     def __init__(
@@ -520,6 +522,7 @@ class Relay:
         rtt: float = 0.0,
         handshake: bool = True,
         connect_timeout: float = 5.0,
+        listener: socket.socket | None = None,
     ) -> None:
         if rtt < 0:
             raise ValueError("rtt must be >= 0")
@@ -528,11 +531,17 @@ class Relay:
         self._half = rtt / 2
         self._handshake = rtt if handshake else 0.0
         self._connect_timeout = connect_timeout
-        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        if listener is None:
+            family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(listen)
+            except BaseException:
+                listener.close()
+                raise
+        self._listener = listener
         try:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind(listen)
             self._listener.listen(128)
             self._listener.setblocking(False)
             self._wake_r, self._wake_w = socket.socketpair()
