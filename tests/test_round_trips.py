@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 import pytest
@@ -420,6 +421,44 @@ def test_first_statements_that_cannot_carry_begin(
         assert w.results["/"] == 3
     if path == "named cursor":
         assert w.results["/"] == [1, 2, 3, 4, 5]
+
+
+def test_savepoint_first_then_rolled_back_to(
+    wire: Callable[..., Wire], rt_table: str, admin: Any
+) -> None:
+    """A savepoint opens the request; a failing insert is undone to it; the rest commits."""
+
+    def view(conn: Any) -> str:
+        with conn.cursor() as cur:
+            if PSYCOPG2:
+                cur.execute("SAVEPOINT rt_sp")  # carries BEGIN
+                try:
+                    cur.execute(f"INSERT INTO {rt_table} VALUES (1, 'duplicate')")
+                except psycopg2.errors.UniqueViolation:
+                    cur.execute("ROLLBACK TO SAVEPOINT rt_sp")
+            else:
+                import psycopg
+
+                try:
+                    with conn.transaction():  # BEGIN alone, then SAVEPOINT
+                        cur.execute(f"INSERT INTO {rt_table} VALUES (1, 'duplicate')")
+                except psycopg.errors.UniqueViolation:
+                    pass  # rolled back to the savepoint and released
+            cur.execute(f"INSERT INTO {rt_table} VALUES (3, 'kept')")
+            return str(cur.statusmessage)
+
+    w = wire()
+    w.view("/", view)
+    # psycopg2: BEGIN + SAVEPOINT, INSERT (fails), ROLLBACK TO, INSERT, COMMIT.
+    # psycopg: BEGIN, SAVEPOINT, INSERT (fails), ROLLBACK TO, RELEASE (psycopg sends them
+    # one by one), INSERT, COMMIT.
+    assert w.turns("/") == (5 if PSYCOPG2 else 7)
+    assert w.results["/"] == "INSERT 0 1"
+    assert query(admin, f"SELECT id, v FROM {rt_table} ORDER BY id") == [
+        (1, "a"),
+        (2, "b"),
+        (3, "kept"),
+    ]
 
 
 # -- settings ----------------------------------------------------------------------------------
