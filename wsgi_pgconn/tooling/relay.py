@@ -35,7 +35,10 @@ Every snapshot says how much CPU the relay has used and how far from due
 (late or early) it passed data on, so that a caller can print both beside
 its results: on a virtual machine each wake-up of a process costs tens of
 microseconds of CPU, and a turn with latency costs four of them (data and
-timer, each way).
+timer, each way). Late outliers mean the machine kept the relay waiting for
+a CPU (or, in process, for the interpreter lock). ``benchmarks/relay_check.py``
+measures ``SELECT 1`` direct and through the relay at several round-trip
+times: the rtt 0 row shows what the extra hop itself costs.
 
 In process (tests, counting)::
 
