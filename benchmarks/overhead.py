@@ -49,7 +49,7 @@ no round trip beyond what the bare application pays (one fewer when BEGIN
 rides with the first statement); at most 5 µs added per request.
 
 The database: DATABASE_URL if set; otherwise a throwaway cluster
-(wsgi_pgconn.tempdb.TemporaryCluster) that is deleted at the end.
+(wsgi_pgconn.tooling.tempdb.TemporaryCluster) that is deleted at the end.
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ def database() -> Iterator[str]:
     if url:
         yield url
         return
-    from wsgi_pgconn.tempdb import TemporaryCluster
+    from wsgi_pgconn.tooling.tempdb import TemporaryCluster
 
     with TemporaryCluster() as cluster:
         cluster.create_database("wsgi_pgconn_overhead")
