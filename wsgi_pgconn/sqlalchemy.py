@@ -552,9 +552,8 @@ class PgConnPool(QueuePool):
             ) from exc
         finally:
             _adopting.conn = None
-        proxy_class = _Psycopg3RequestConnection if self._driver.name == "psycopg" else (
-            RequestConnection
-        )
+        psycopg3 = self._driver.name == "psycopg"
+        proxy_class = _Psycopg3RequestConnection if psycopg3 else RequestConnection
         record.dbapi_connection = cast(Any, proxy_class(self._driver, self._pipeline))
         info = record.record_info
         assert info is not None

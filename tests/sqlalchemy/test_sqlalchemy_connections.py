@@ -146,7 +146,12 @@ def test_two_sqlalchemy_connections_in_one_request(
         assert call(outer).code == 200
     assert len(pids) == 1
     assert [k for (k,) in query(admin, f"SELECT k FROM {table} ORDER BY id")] == [
-        "orm0", "core0", "orm1", "core1", "orm2", "core2"
+        "orm0",
+        "core0",
+        "orm1",
+        "core1",
+        "orm2",
+        "core2",
     ]
 
 

@@ -91,8 +91,9 @@ def steps_app(engine: sqlalchemy.engine.Engine, items: Any) -> Any:
                     raise AssertionError(f"unknown step {step!r}")
         except Exception:
             session.close()
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
-                           sys.exc_info())
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
             return [b"failed"]
         session.close()
         start_response(status, [("Content-Type", "text/plain")])
