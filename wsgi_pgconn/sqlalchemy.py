@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -62,6 +63,7 @@ import sqlalchemy
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.pool.base import _ConnectionRecord
 
+from . import config as _config
 from . import drivers
 from .drivers import IDLE, INERROR
 from .errors import ConfigurationError, PgConnError
@@ -80,6 +82,7 @@ __all__ = [
     "configure",
     "create_engine",
     "engine_options",
+    "engine_url",
 ]
 
 logger = logging.getLogger("wsgi_pgconn.sqlalchemy")
@@ -625,6 +628,43 @@ def engine_options(**options: Any) -> dict[str, Any]:
     return {**options, "poolclass": PgConnPool}
 
 
-def create_engine(url: str | sqlalchemy.engine.URL, **options: Any) -> Engine:
-    """``sqlalchemy.create_engine(url, **engine_options(**options))``."""
-    return sqlalchemy.create_engine(url, **engine_options(**options))
+def create_engine(url: str | sqlalchemy.engine.URL | None = None, **options: Any) -> Engine:
+    """``sqlalchemy.create_engine(url, **engine_options(**options))``.
+
+    ``url`` defaults to :func:`engine_url` (the middleware's database and driver).
+    """
+    return sqlalchemy.create_engine(
+        engine_url() if url is None else url, **engine_options(**options)
+    )
+
+
+def engine_url(dsn: str | None = None, *, driver: str | None = None) -> sqlalchemy.engine.URL:
+    """The SQLAlchemy URL of the middleware's database, for the middleware's driver.
+
+    ``dsn`` is a ``postgresql://`` URL or a libpq ``key=value`` string
+    (default: ``DATABASE_URL``); ``driver`` defaults to ``WSGI_PGCONN_DRIVER``
+    (``auto``: psycopg 3 if installed, else psycopg2). For example
+    ``postgresql://app@db/app`` becomes ``postgresql+psycopg://app@db/app``.
+    Parameters other than host, port, user, password and dbname go to the
+    URL's query (SQLAlchemy hands them to the driver).
+    """
+    settings = _config.parse(os.environ, dsn=dsn, driver=driver)
+    name = drivers.resolve(settings.driver)
+    params = dict(drivers.load(name).parse_conninfo(settings.dsn)) if settings.dsn else {}
+    host = params.pop("host", None)
+    port = params.pop("port", None)
+    if (host is not None and ("," in host or host.startswith(("/", "@")))) or (
+        port is not None and not port.isdigit()
+    ):
+        # Several hosts, or a socket directory: in the query, as libpq spells them.
+        params.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
+        host = port = None
+    return sqlalchemy.engine.URL.create(
+        f"postgresql+{name}",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        host=host,
+        port=int(port) if port is not None else None,
+        database=params.pop("dbname", None),
+        query=params,
+    )

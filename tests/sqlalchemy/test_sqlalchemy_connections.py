@@ -504,3 +504,17 @@ def test_concurrent_requests_do_not_share_savepoints(
     tags = [uuid.uuid4().hex[:6] for _ in range(3)]
     pool.each(lambda i: call(outer, "/" + tags[i]))
     assert sorted(k for (k,) in query(admin, f"SELECT k FROM {table}")) == sorted(tags)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "url"),
+    [
+        ("postgresql://u:p%40w@h:5433/db?sslmode=require", "u:p%40w@h:5433/db?sslmode=require"),
+        ("host=/run/pg port=5432 dbname=d user=u", "u@/d?host=%2Frun%2Fpg&port=5432"),
+        ("host=a,b port=1,2 dbname=d", "/d?host=a%2Cb&port=1%2C2"),
+    ],
+)
+def test_engine_url(dsn: str, url: str) -> None:
+    made = pgconn_sa.engine_url(dsn, driver=driver_name())
+    assert made.render_as_string(hide_password=False) == f"postgresql+{driver_name()}://{url}"
+    assert sqlalchemy.engine.make_url(made.render_as_string(hide_password=False)) == made
