@@ -335,11 +335,6 @@ class RequestConnection:
     def tpc_begin(self, *args: Any, **kwargs: Any) -> None:
         self._refuse("two-phase commit")
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _REFUSED_ATTRIBUTES:
-            self._refuse(f"setting {name}")
-        object.__setattr__(self, name, value)
-
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
@@ -357,7 +352,21 @@ class _Psycopg3RequestConnection(RequestConnection):
         return cur._cursor if isinstance(cur, _SavepointCursor) else cur
 
 
-_REFUSED_ATTRIBUTES = frozenset({"isolation_level", "readonly", "read_only", "deferrable"})
+def _refused_attribute(name: str) -> property:
+    """A connection attribute that reads through and cannot be set inside a request."""
+
+    def get(self: RequestConnection) -> Any:
+        return getattr(self._live(), name)
+
+    def set_value(self: RequestConnection, value: Any) -> None:
+        self._refuse(f"setting {name}")
+
+    return property(get, set_value)
+
+
+for _name in ("isolation_level", "readonly", "read_only", "deferrable"):
+    setattr(RequestConnection, _name, _refused_attribute(_name))
+del _name
 
 
 def _prefixed(query: Any, prefix: str, cursor: Any) -> Any:
