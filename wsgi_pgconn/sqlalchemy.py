@@ -56,7 +56,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import sqlalchemy
@@ -239,16 +239,24 @@ class RequestConnection:
             return cursor.execute(query, params, *args, **kwargs)
         name = self._name()
         if self._psycopg3:
-            if not self._pipeline:
+            if not (self._pipeline and conn._wsgi_pgconn_pipeline):
                 self._run(conn, "SAVEPOINT " + name)
                 self._savepoint = name
                 return cursor.execute(query, params, *args, **kwargs)
-            # One pipeline: BEGIN (when the request's transaction begins here),
-            # SAVEPOINT and the statement go out together.
-            with conn.pipeline():
+            result: list[Any] = []
+
+            def run() -> None:
                 conn.execute("SAVEPOINT " + name, prepare=False)
                 self._savepoint = name
-                return cursor.execute(query, params, *args, **kwargs)
+                result.append(cursor.execute(query, params, *args, **kwargs))
+
+            if conn._pipeline is not None:  # the application's own pipeline
+                run()
+            else:
+                # One pipeline: BEGIN (when the request's transaction begins
+                # here), SAVEPOINT and the statement go out together.
+                _pipelined(self._driver, conn, run)
+            return result[0]
         prefixed = _prefixed(query, "SAVEPOINT " + name + "; ", cursor)
         if prefixed is None:
             self._run(conn, "SAVEPOINT " + name)
@@ -367,6 +375,21 @@ def _refused_attribute(name: str) -> property:
 for _name in ("isolation_level", "readonly", "read_only", "deferrable"):
     setattr(RequestConnection, _name, _refused_attribute(_name))
 del _name
+
+
+def _pipelined(driver: drivers.Driver, conn: Any, run: Callable[[], None]) -> None:
+    """Run ``run()`` in one pipeline of psycopg 3, the way the driver pipelines its BEGIN.
+
+    The driver's own helper ends the pipeline with a Sync alone (psycopg's
+    ``pipeline()`` block adds a Flush, which leaves PostgreSQL's
+    idle_in_transaction_session_timeout disarmed); psycopg's block otherwise.
+    """
+    helper = getattr(driver, "_pipelined", None)
+    if helper is not None:
+        helper(conn, run)
+        return
+    with conn.pipeline():
+        run()
 
 
 def _prefixed(query: Any, prefix: str, cursor: Any) -> Any:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest fixtures
     backends,
     call,
+    deadline_poll,
     idle_in_transaction,
     log_records,
     query,
@@ -518,3 +519,29 @@ def test_engine_url(dsn: str, url: str) -> None:
     made = pgconn_sa.engine_url(dsn, driver=driver_name())
     assert made.render_as_string(hide_password=False) == f"postgresql+{driver_name()}://{url}"
     assert sqlalchemy.engine.make_url(made.render_as_string(hide_password=False)) == made
+
+
+def test_idle_in_transaction_timeout_after_the_first_orm_statement(
+    make_mw: Any, make_engine: Any, admin: Any
+) -> None:
+    """BEGIN and SAVEPOINT ride with the ORM's first statement; the server's timer stays armed."""
+    engine = make_engine()
+    outcome: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with Session(engine) as session:
+            pid = session.scalar(text("SELECT pg_backend_pid()"))
+            deadline_poll(
+                lambda: not query(admin, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid),
+                "the server to end the idle transaction",
+            )
+            try:
+                session.execute(text("SELECT 1"))
+            except sqlalchemy.exc.DBAPIError:
+                outcome.append("ended by the server")
+        return ok(start_response)
+
+    outer, mw = stack(make_mw, app, idle_in_transaction_timeout=100, configure=pgconn_sa.configure)
+    call(outer)
+    assert outcome == ["ended by the server"]
+    assert mw.stats()["discarded"]["broken"] == 1
