@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,9 @@ from typing import Any
 import pytest
 from sa_helpers import driver_name
 from test_core_helpers import backends, idle_in_transaction, query
+
+from wsgi_pgconn.bench.servers import free_port, http_get
+from wsgi_pgconn.tempdb import BINDIR_ENV
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flask-sqlalchemy" / "app.py"
 
@@ -120,3 +126,51 @@ def test_ledger(example: tuple[ModuleType, Any], admin: Any, app_name: str) -> N
     assert sorted(rows) == sorted(n for n, code in answered.items() if code == 201)
     assert len(rows) == len(set(rows))
     assert sorted(set(answered.values())) == [201, 500]
+
+
+def test_one_command_run_with_embedded_cluster(tmp_path: Path) -> None:
+    """``python examples/flask-sqlalchemy/app.py`` with DATABASE_URL unset starts a cluster."""
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "SQLALCHEMY_DATABASE_URI")
+        and (k in (BINDIR_ENV, "WSGI_PGCONN_DRIVER") or not k.startswith("WSGI_PGCONN_"))
+    }
+    env["PYTHONPATH"] = str(EXAMPLE.parents[2])
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, err.read_text()
+                try:
+                    status, _, body = http_get(
+                        port,
+                        "/items",
+                        timeout=5,
+                        method="POST",
+                        body=b"name=x",
+                        headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    )
+                    break
+                except OSError:  # not listening yet
+                    assert time.monotonic() < deadline, err.read_text()
+                    time.sleep(0.1)
+            assert status == 201, body
+            assert http_get(port, "/fail", method="POST")[0] == 500
+            assert json.loads(http_get(port, "/items")[2])["items"][0]["name"] == "x"
+            assert len(json.loads(http_get(port, "/items")[2])["items"]) == 1
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    text = err.read_text()
+    assert "DATABASE_URL is unset" in text
+    assert proc.returncode == 128 + 15  # SIGTERM handled: the cluster was removed
