@@ -103,7 +103,7 @@ _REFUSED_OPTIONS = {
 }
 #: Statements of a cursor that must run inside the savepoint of the transaction.
 _STATEMENT_METHODS = frozenset(
-    {"callproc", "copy", "copy_expert", "copy_from", "copy_to", "nextset", "scroll", "stream"}
+    {"callproc", "copy", "copy_expert", "copy_from", "copy_to", "stream"}
 )
 
 _savepoint_numbers = itertools.count(1)
@@ -136,7 +136,6 @@ class RequestConnection:
         "__weakref__",
         "_conn",
         "_driver",
-        "_number",
         "_outcome",
         "_pipeline",
         "_psycopg3",
@@ -148,7 +147,6 @@ class RequestConnection:
         self._driver = driver
         self._psycopg3 = driver.name == "psycopg"
         self._pipeline = pipeline
-        self._number = 0
         self._conn: Any = None
         self._txn: weakref.ref[RequestTransaction] | None = None
         self._outcome: str | None = None
