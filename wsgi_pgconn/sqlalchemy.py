@@ -68,7 +68,7 @@ from . import drivers
 from .drivers import IDLE, INERROR
 from .errors import ConfigurationError, PgConnError
 from .middleware import TRANSACTION_KEY
-from .transaction import RequestTransaction, current_transaction
+from .transaction import RequestTransaction, current_transaction, publish_context
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -84,6 +84,8 @@ __all__ = [
     "engine_options",
     "engine_url",
 ]
+
+publish_context()  # the pool finds the request through current_transaction()
 
 logger = logging.getLogger("wsgi_pgconn.sqlalchemy")
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from _serverkit import Probe, server_env
 
-from wsgi_pgconn.bench import servers
+from wsgi_pgconn.tooling.bench import servers
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ import pytest
 from sa_helpers import driver_name
 from test_core_helpers import backends, idle_in_transaction, query
 
-from wsgi_pgconn.bench.servers import free_port, http_get
 from wsgi_pgconn.tempdb import BINDIR_ENV
+from wsgi_pgconn.tooling.bench.servers import free_port, http_get
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flask-sqlalchemy" / "app.py"
 
