@@ -103,6 +103,9 @@ class Driver(Protocol):
     def PoolTimeout(self) -> type[PoolTimeout]: ...
     @property
     def TransactionManaged(self) -> type[TransactionManaged]: ...
+    @property
+    def ManagedConnection(self) -> type[Any]:
+        """The class of the connections :meth:`connect` returns."""
 
     def version(self) -> str:
         """The driver's version, and the libpq it was built with."""
@@ -144,6 +147,15 @@ class Driver(Protocol):
 
         Runs the request's ``on_begin`` hook first. For code that makes cursors
         without the connection (Django's server-side cursors on psycopg 3).
+        """
+
+    def pipelined(self, conn: Any, run: Callable[[], object]) -> None:
+        """Run ``run()`` (statements on ``conn``) so that they share one round trip.
+
+        psycopg 3: one pipeline, ended by a Sync alone (psycopg's own
+        ``pipeline()`` block adds a Flush, after which PostgreSQL leaves
+        idle_in_transaction_session_timeout disarmed). psycopg2 cannot
+        pipeline: ``run()`` runs as it is (put statements in one string instead).
         """
 
     def use_adapters(self, conn: Any, adapters: Any) -> None:

@@ -444,6 +444,7 @@ def drain(conn: Any) -> bool:
 
 
 begin = _begin_now
+pipelined = _pipelined
 
 
 def use_adapters(conn: Any, adapters: Any) -> None:

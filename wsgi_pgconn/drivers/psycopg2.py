@@ -476,6 +476,10 @@ def begin(conn: Any) -> None:
         _begin(conn)
 
 
+def pipelined(conn: Any, run: Callable[[], object]) -> None:
+    run()
+
+
 def use_adapters(conn: Any, adapters: Any) -> None:
     raise TypeError("adapter maps are psycopg 3's; psycopg2 has none")
 
