@@ -353,7 +353,7 @@ class Bench:
         if variant.dsn != "pgbouncer":
             self.wait_drained(application_name)
         log(
-            f"{variant.name:<15} {result.rps:8.1f} req/s  p50 {result.p50_ms:6.2f} ms"
+            f"{variant.name:<24} {result.rps:8.1f} req/s  p50 {result.p50_ms:6.2f} ms"
             f"  p99 {result.p99_ms:6.2f} ms  {held} server connections"
             + trips
             + (f"  ({bad} errors)" if bad else "")
