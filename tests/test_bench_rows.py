@@ -60,12 +60,12 @@ def test_ratios_against_the_hand_held_row_of_the_same_driver_and_the_targets() -
     assert row.endswith(f"{490 / 510:.2f} ~")  # against handheld-pg3, spreads overlap
     row = next(line for line in loopback if line.startswith("pgconn-thread-pg2 "))
     assert row.endswith(f"{1320 / 1100:.2f}")  # no overlap: a measured difference
-    assert "  pgconn-thread-pg3 / handheld-pg3    0.96 ~  target >= 0.97: NOT met" in loopback
-    assert "  pgconn-thread-pg2 / handheld-pg2    1.20    target >= 0.97: met" in loopback
+    assert "  pgconn-thread-pg3 / handheld-pg3   0.961 ~  target >= 0.97: NOT met" in loopback
+    assert "  pgconn-thread-pg2 / handheld-pg2   1.200    target >= 0.97: met" in loopback
     assert not any("1.15" in line for line in loopback)  # the latency targets: --rtt only
     latency = format_table(outcomes, names, rtt=0.001).splitlines()
-    assert "  pgconn-thread-pg2 / handheld-pg2    1.20    target >= 1.15: met" in latency
-    assert "  pgconn-thread-pg3 / handheld-pg3    0.96 ~  target >= 1.15: NOT met" in latency
+    assert "  pgconn-thread-pg2 / handheld-pg2   1.200    target >= 1.15: met" in latency
+    assert "  pgconn-thread-pg3 / handheld-pg3   0.961 ~  target >= 1.15: NOT met" in latency
     half = format_table(outcomes, names, rtt=0.0005)
     assert "(the target >= 1.15 is for --rtt 1ms)" in half
     assert all(t.latency is not False for t in applicable_targets(0.001))

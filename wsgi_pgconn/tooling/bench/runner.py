@@ -658,7 +658,8 @@ def format_targets(outcomes: dict[str, Outcome], rtt: float) -> list[str]:
         what = f"{target.row} / {over}"
         if len(target.over) > 1:
             what += " (the faster of " + ", ".join(target.over) + ")"
-        measured = f"{value:.2f}" + (" ~" if noise else "  ")
+        # three decimals: 1.147 must not read as a met 1.15
+        measured = f"{value:.3f}" + (" ~" if noise else "  ")
         if target.minimum is None:
             verdict = target.note or "reported"
         elif target.latency and rtt and abs(rtt - 0.001) > 1e-9:
