@@ -23,6 +23,7 @@ fails if they change.
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -296,7 +297,8 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
                 # results), so that its next statement does not begin again.
                 yield from pipeline._communicate_gen()
             return
-        yield from super()._start_query()
+        if not self._autocommit:  # (managed connections always are: nothing to do)
+            yield from super()._start_query()
 
     # Cursor classes: the user's, with this module's mixins in front.
     @property
@@ -404,8 +406,8 @@ def setup(
             _Base.set_autocommit(conn, True)
 
 
-def transaction_status(conn: Any) -> int:
-    return conn.pgconn.transaction_status  # type: ignore[no-any-return]
+#: libpq's transaction status of a connection (C-implemented: called on every request).
+transaction_status: Callable[[Any], int] = operator.attrgetter("pgconn.transaction_status")
 
 
 def is_closed(conn: Any) -> bool:
