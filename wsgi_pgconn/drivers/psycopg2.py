@@ -125,7 +125,7 @@ class Cursor(ext.cursor):
 
     def execute(self, query: Any, vars: Any = None) -> None:
         conn: Any = self.connection
-        if conn._wsgi_pgconn_begin is not None and _status(conn) == IDLE:
+        if _status(conn) == IDLE and conn._wsgi_pgconn_begin is not None:
             return _begin(conn, self, query, vars)  # type: ignore[no-any-return]
         return _execute(self, query, vars)
 
@@ -314,18 +314,16 @@ class ManagedConnection(ManagedState, ext.connection):
             "fails. Use a savepoint to undo part of the work, or a connection of your own."
         )
 
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs:
-            return _new_cursor(self)
-        return self._wsgi_pgconn_cursor(*args, **kwargs)
-
-    def _wsgi_pgconn_cursor(
+    def cursor(  # type: ignore[override]
         self,
         name: str | None = None,
         cursor_factory: Any = None,
         withhold: bool = False,
         scrollable: bool | None = None,
     ) -> Any:
+        if name is None and cursor_factory is None:
+            return _new_cursor(self)  # the connection's cursor_factory: ours
+
         factory = managed_class(
             cursor_factory if cursor_factory is not None else _factory.__get__(self),
             named=name is not None,
