@@ -53,13 +53,16 @@ class ThreadRegistry(Registry):
                 return rec
             if rec.in_use:
                 # An earlier response on this thread was never closed; collecting it
-                # rolls it back and releases the connection (RequestTransaction.__del__).
+                # rolls it back and releases the connection (transaction.Body.__del__).
                 gc.collect()
                 if rec.in_use:
                     raise RuntimeError(
                         "this thread's connection is still held by an earlier request whose "
-                        "response was never closed (the WSGI server must call close() on it), "
-                        "or by an enclosing request on the same thread"
+                        "response was never closed: a WSGI server must call close() on every "
+                        "response; with Flask's or werkzeug's test client, read streamed "
+                        "responses whole with buffered=True (client.get(url, buffered=True)) "
+                        "or close them ('with client.get(url) as response:'). Or a request is "
+                        "nested in another one on the same thread"
                     )
             reason = self._unusable(rec)
             if reason is None:
