@@ -499,7 +499,8 @@ def uwsgi_server(
     if lazy_apps:
         argv.append("--lazy-apps")
     if max_requests:
-        argv += ["--max-requests", str(max_requests)]
+        # A worker younger than --min-worker-lifetime (10 s by default) is not recycled.
+        argv += ["--max-requests", str(max_requests), "--min-worker-lifetime", "1"]
     for path in python_path:
         argv += ["--pythonpath", path]
     argv += list(extra_args)
