@@ -6,7 +6,8 @@ Configured by its environment (the server's):
   and with ``&sleep=S`` then runs ``pg_sleep(S)`` in the same transaction.
 * ``APP_GEVENT_PATCH=1``: ``gevent.monkey.patch_all()`` first (what a
   ``wsgi.py`` does under uWSGI's ``--gevent`` without ``--gevent-monkey-patch``).
-* ``APP_PSYCOGREEN=1``: psycopg2 waits through gevent (wsgi_pgconn.green.patch_psycopg2).
+* ``APP_PSYCOGREEN=psycogreen`` or ``=wsgi_pgconn``: psycopg2 waits through gevent
+  (psycogreen's wait callback, or wsgi_pgconn.green.patch_psycopg2's).
 * ``APP_WARM=1``: one request served at import (a warm-up query in the
   process that loads the application: the uWSGI master without ``--lazy-apps``).
 
@@ -38,7 +39,11 @@ logging.basicConfig(
     format="%(process)d %(levelname)s %(name)s: %(message)s",
 )
 
-if os.environ.get("APP_PSYCOGREEN") == "1":
+if os.environ.get("APP_PSYCOGREEN") == "psycogreen":
+    from psycogreen.gevent import patch_psycopg
+
+    patch_psycopg()
+elif os.environ.get("APP_PSYCOGREEN") == "wsgi_pgconn":
     from wsgi_pgconn import green
 
     green.patch_psycopg2()

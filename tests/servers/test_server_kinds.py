@@ -241,7 +241,7 @@ def test_gunicorn_gevent_pool_by_default(ledger_tree, case):
             workers=1,
             worker_class="gevent",
             python_path=[ledger_tree],
-            env=case.env(APP_PSYCOGREEN="1" if PSYCOPG2 else "0", WSGI_PGCONN_POOL_TIMEOUT="5"),
+            env=case.env(APP_PSYCOGREEN="psycogreen" if PSYCOPG2 else "", WSGI_PGCONN_POOL_TIMEOUT="5"),
             extra_args=["--worker-connections", "100"],
             name="gunicorn-gevent",
         )
@@ -375,7 +375,7 @@ def test_uwsgi_gevent(ledger_tree, case, monkey_patch):
     need_uwsgi()
     extra = {"WSGI_PGCONN_POOL_SIZE": "4", "WSGI_PGCONN_POOL_TIMEOUT": "5"}
     if PSYCOPG2:
-        extra["APP_PSYCOGREEN"] = "1"
+        extra["APP_PSYCOGREEN"] = "wsgi_pgconn"
     elif not monkey_patch:
         extra["APP_GEVENT_PATCH"] = "1"
     case.start(
