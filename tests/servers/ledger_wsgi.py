@@ -25,13 +25,13 @@ if os.environ.get("APP_GEVENT_PATCH") == "1":
 
     monkey.patch_all()
 
-import io  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import urllib.parse  # noqa: E402
+import io
+import json
+import logging
+import sys
+import urllib.parse
 
-from wsgi_pgconn import PgConnMiddleware, get_connection  # noqa: E402
+from wsgi_pgconn import PgConnMiddleware, get_connection
 
 logging.basicConfig(
     stream=sys.stderr,

@@ -1,4 +1,4 @@
-"""Every kind of server people deploy on: gevent, uWSGI (threads, prefork, gevent), waitress, werkzeug.
+"""The servers people deploy on: gevent, uWSGI (threads, prefork, gevent), waitress, werkzeug.
 
 Each test starts the real server on ``ledger_wsgi.py`` (this folder) with the
 run's driver (``WSGI_PGCONN_DRIVER`` is passed through), sends a bounded load
@@ -181,7 +181,8 @@ class Case:
 
     def sigterm(self, timeout: float = 30) -> None:
         """SIGTERM to the server's main process only (docker's stop), and wait for the group."""
-        assert self.server is not None and self.server.proc is not None
+        assert self.server is not None
+        assert self.server.proc is not None
         proc = self.server.proc
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -241,7 +242,9 @@ def test_gunicorn_gevent_pool_by_default(ledger_tree, case):
             workers=1,
             worker_class="gevent",
             python_path=[ledger_tree],
-            env=case.env(APP_PSYCOGREEN="psycogreen" if PSYCOPG2 else "", WSGI_PGCONN_POOL_TIMEOUT="5"),
+            env=case.env(
+                APP_PSYCOGREEN="psycogreen" if PSYCOPG2 else "", WSGI_PGCONN_POOL_TIMEOUT="5"
+            ),
             extra_args=["--worker-connections", "100"],
             name="gunicorn-gevent",
         )
