@@ -110,16 +110,19 @@ def unpatched_poll() -> Callable[[], Any]:
     kept connection must not (it is not I/O: it only asks whether the socket
     has something to read).
     """
-    poll: Callable[[], Any] = select.poll
+    poll: Callable[[], Any] | None = getattr(select, "poll", None)
     module = getattr(poll, "__module__", None) or ""
     if module.startswith("gevent"):
         monkey = sys.modules.get("gevent.monkey")
         if monkey is not None:
             poll = monkey.get_original("select", "poll")
-    elif module.startswith("eventlet"):
+    elif poll is None or module.startswith("eventlet"):
+        # eventlet's patching removes select.poll altogether.
         patcher = sys.modules.get("eventlet.patcher")
         if patcher is not None:
             poll = patcher.original("select").poll
+    if poll is None:
+        raise RuntimeError("select.poll is missing: wsgi_pgconn needs a platform with poll()")
     return poll
 
 
