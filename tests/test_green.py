@@ -252,6 +252,18 @@ reg.checkin(rec, False)
 again = reg.checkout(); seen.append("newcomer"); reg.checkin(again, False)
 g.join(5)
 out["order"] = seen
+# A waiter killed while it waits must not be handed the connection.
+rec = reg.checkout()
+g = gevent.spawn(reg.checkout)
+gevent.sleep(0)
+g.kill(block=True)
+reg.checkin(rec, False)
+start = time.monotonic()
+try:
+    again = reg.checkout(); reg.checkin(again, False)
+except Exception as exc:
+    out["after_kill_error"] = repr(exc)
+out["after_kill"] = time.monotonic() - start
 
 if order == "callback":
     # A query abandoned by its greenlet is cancelled on the server.
@@ -296,6 +308,7 @@ def check_green(out: dict[str, Any]) -> None:
     assert out["concurrent"] < 0.55, out  # the two queries ran at once
     assert out["process_scope"] == ["pool", 1]
     assert out["order"] == ["waiter", "newcomer"]
+    assert out["after_kill"] < 1.0, out  # not left to the killed waiter
 
 
 @pytest.mark.slow

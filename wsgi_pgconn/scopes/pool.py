@@ -102,7 +102,12 @@ class PoolRegistry(Registry):
         counter = self.stats_counter
         counter.incr("pool_waits")
         started = time.monotonic()
-        woken = waiting.waiter.wait(settings.pool_timeout)
+        try:
+            woken = waiting.waiter.wait(settings.pool_timeout)
+        except BaseException:
+            # Interrupted (a greenlet killed, gevent.Timeout): give back what was handed over.
+            self._abandon(waiting)
+            raise
         waited = time.monotonic() - started
         if not woken:
             with self._lock:
@@ -118,6 +123,19 @@ class PoolRegistry(Registry):
                 )
             # Handed over just as the wait timed out: take it.
         counter.incr("pool_wait_seconds", waited)
+
+    def _abandon(self, waiting: _Waiting) -> None:
+        with self._lock:
+            if not waiting.granted:
+                self._waiting.remove(waiting)
+                return
+            rec = waiting.rec
+            if rec is None:  # the right to open one: pass it on
+                self._opening -= 1
+                self._grant_slot()
+                return
+        rec.in_use = True
+        self.checkin(rec, False)
 
     def _grant_slot(self) -> None:
         """A connection slot became free (with the lock held): the next waiter may open one."""
