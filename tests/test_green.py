@@ -19,13 +19,22 @@ from typing import Any
 
 import dbapi
 import pytest
-from conftest import backends
 
 from wsgi_pgconn import get_connection
 from wsgi_pgconn.scopes import close_all_registries
 from wsgi_pgconn.tooling.bench import servers
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def backends(admin: Any, app_name: str) -> list[tuple[int, str]]:
+    """(pid, state) of the server connections tagged with app_name."""
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT pid, state FROM pg_stat_activity WHERE application_name = %s ORDER BY pid",
+            (app_name,),
+        )
+        return [(pid, state) for pid, state in cur.fetchall()]
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
