@@ -265,7 +265,10 @@ def test_gunicorn_gevent_pool_by_default(ledger_tree, case):
 # -- uWSGI ---------------------------------------------------------------------------------
 
 
-def test_uwsgi_threads_warmed_master(ledger_tree, case):
+@pytest.mark.parametrize(
+    "fork_hooks", [False, True], ids=["plain", "py-call-uwsgi-fork-hooks"]
+)
+def test_uwsgi_threads_warmed_master(ledger_tree, case, fork_hooks):
     """Prefork without --lazy-apps, a query at import in the master, workers respawned.
 
     The master's connection is closed when its workers start (the master
@@ -282,6 +285,8 @@ def test_uwsgi_threads_warmed_master(ledger_tree, case):
             max_requests=20,
             python_path=[ledger_tree],
             env=case.env(APP_WARM="1"),
+            # With this option os.register_at_fork hooks run in the workers too.
+            extra_args=["--py-call-uwsgi-fork-hooks"] if fork_hooks else [],
             name="uwsgi-warm",
         )
     )

@@ -399,7 +399,23 @@ class Registry:
 
 
 def _after_fork_in_child() -> None:
-    global _fork_epoch
+    """In a forked child: forget the parent's connections (never used, never closed here).
+
+    Runs from ``os.register_at_fork``, and from uWSGI's post-fork hook (uWSGI
+    forks in C, without the at-fork hooks unless ``--py-call-uwsgi-fork-hooks``);
+    once per process. A connection the uWSGI master opened is closed cleanly
+    instead (see :func:`_opened_by_uwsgi_master`).
+    """
+    global _fork_epoch, _reset_pid
+    if _reset_pid == os.getpid():
+        return  # done already in this process (both hooks ran)
+    _reset_pid = os.getpid()
+    master_opened: list[tuple[Registry, PooledConnection]] = [
+        (registry, rec)
+        for registry in list(_registries)
+        for rec in registry._held()
+        if _opened_by_uwsgi_master(rec)
+    ]
     _fork_epoch += 1
     for registry in list(_registries):
         # Keep the parent's records referenced (without taking locks, which a
@@ -407,6 +423,19 @@ def _after_fork_in_child() -> None:
         _inherited.append(dict(vars(registry)))
         registry._init_state()
         registry.stats_counter = Stats()
+    for registry, rec in master_opened:
+        logger.debug(
+            "closing the uWSGI master's connection to backend pid %s in worker %s",
+            rec.backend_pid,
+            os.getpid(),
+        )
+        try:
+            registry.driver.close(rec.conn)
+        except Exception as exc:
+            logger.debug("closing backend pid %s failed: %s", rec.backend_pid, exc)
+
+
+_reset_pid = os.getpid()
 
 
 def close_all_registries(*_args: object, **_kwargs: object) -> None:
@@ -499,23 +528,7 @@ def _uwsgi_post_fork() -> None:
     A connection the master opened is closed cleanly (it is the master's last
     use of it); any other inherited one is kept, as after any fork.
     """
-    master_opened: list[tuple[Registry, PooledConnection]] = [
-        (registry, rec)
-        for registry in list(_registries)
-        for rec in registry._held()
-        if _opened_by_uwsgi_master(rec)
-    ]
     _after_fork_in_child()
-    for registry, rec in master_opened:
-        logger.debug(
-            "closing the uWSGI master's connection to backend pid %s in worker %s",
-            rec.backend_pid,
-            os.getpid(),
-        )
-        try:
-            registry.driver.close(rec.conn)
-        except Exception as exc:
-            logger.debug("closing backend pid %s failed: %s", rec.backend_pid, exc)
 
 
 # -- SIGTERM ------------------------------------------------------------------------
