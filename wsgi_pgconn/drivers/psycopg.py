@@ -512,3 +512,31 @@ def close(conn: Any) -> None:
 def sqlstate(exc: BaseException) -> str | None:
     code = getattr(exc, "sqlstate", None)
     return code if isinstance(code, str) else None
+
+
+# -- greenlets --------------------------------------------------------------------------
+
+
+def cooperate(library: str) -> str | None:
+    """psycopg waits through gevent's (or eventlet's) patched ``select``, where patched.
+
+    psycopg picks its wait function when it is imported: a C function,
+    unless gevent had patched ``select`` by then. Imported before the
+    patching (gunicorn ``--preload``), it would block the process; the
+    patched ``select`` is used instead.
+    """
+    import select
+
+    from psycopg import waiting
+
+    patched = getattr(select.select, "__module__", "").startswith(("gevent", "eventlet"))
+    if not patched:
+        return (
+            f"psycopg waits for the server without yielding under {library} (select is not "
+            "monkey-patched): every query blocks the whole process. Patch first: "
+            "gevent.monkey.patch_all() at the top of wsgi.py, before anything else is "
+            "imported, or uWSGI's --gevent-monkey-patch"
+        )
+    if waiting.wait is getattr(waiting, "wait_c", None):
+        waiting.wait = waiting.wait_poll if hasattr(select, "poll") else waiting.wait_select
+    return None
