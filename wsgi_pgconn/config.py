@@ -26,7 +26,7 @@ from typing import Any
 from . import drivers
 from .errors import ConfigurationError, DriverNotFound
 
-__all__ = ["ENV_PREFIX", "SETTINGS", "Settings", "config", "parse", "settings_environ"]
+__all__ = ["ENV_PREFIX", "SETTINGS", "Settings", "config", "is_set", "parse", "settings_environ"]
 
 ENV_PREFIX = "WSGI_PGCONN_"
 
@@ -34,6 +34,7 @@ SCOPES = ("thread", "process", "pool")
 RESETS = ("rollback", "discard")
 CHECKS = ("socket", "query")
 POOLERS = ("none", "session", "transaction")
+GREENLETS = ("auto", "off")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
 #: psycopg 3's own default for prepare_threshold.
 PSYCOPG_PREPARE_THRESHOLD = 5
@@ -67,6 +68,8 @@ class Settings:
     pipeline_begin: bool = True
     #: psycopg 3 only; -1 (the default) means 5, or None behind a transaction pooler.
     prepare_threshold: int | None = -1
+    #: "auto": recognise gevent/eventlet (see wsgi_pgconn.green); "off": treat greenlets as threads.
+    greenlets: str = "auto"
 
     def __post_init__(self) -> None:
         if self.prepare_threshold == -1:
@@ -270,6 +273,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "driver": (ENV_PREFIX + "DRIVER", _choice(drivers.CHOICES)),
     "pipeline_begin": (ENV_PREFIX + "PIPELINE_BEGIN", _boolean),
     "prepare_threshold": (ENV_PREFIX + "PREPARE_THRESHOLD", _optional_integer),
+    "greenlets": (ENV_PREFIX + "GREENLETS", _choice(GREENLETS)),
 }
 
 
@@ -297,6 +301,13 @@ def parse(environ: Mapping[str, object], **overrides: object) -> Settings:
         elif var in env:
             values[name] = parser(var, env[var])
     return Settings(**values)
+
+
+def is_set(name: str, environ: Mapping[str, object], **overrides: object) -> bool:
+    """Whether setting ``name`` was given (a non-None override, or its non-empty variable)."""
+    if overrides.get(name) is not None:
+        return True
+    return SETTINGS[name][0] in settings_environ(environ)
 
 
 def config(**overrides: object) -> Settings:

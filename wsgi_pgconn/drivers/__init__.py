@@ -192,6 +192,14 @@ class Driver(Protocol):
     def sqlstate(self, exc: BaseException) -> str | None:
         """The SQLSTATE of a driver error, or None."""
 
+    def cooperate(self, library: str) -> str | None:
+        """Have the driver wait for the server through the greenlet ``library``'s loop.
+
+        ``library`` is ``"gevent"`` or ``"eventlet"``. Done where the driver
+        can do it without changing what the user chose; otherwise the
+        message (the problem and its fix) to log once. None: it cooperates.
+        """
+
 
 def installed() -> list[str]:
     """The supported drivers that can be imported here, in :data:`DRIVER_NAMES` order."""
