@@ -10,6 +10,7 @@ variables that the runner sets for the server process:
 ``WSGI_PGCONN_BENCH_DSN``        libpq connection string or URL
 ``WSGI_PGCONN_BENCH_SCOPE``      wsgi_pgconn scope (pgconn only)
 ``WSGI_PGCONN_BENCH_POOL_SIZE``  per-process pool size (pool-like variants)
+``WSGI_PGCONN_BENCH_GREEN``      ``1``: under gevent (pgconn only: psycopg2's wait callback)
 ``WSGI_PGCONN_DRIVER``           the row's driver: psycopg2 or psycopg (the other one
                                  is kept out of the process, see :mod:`.rowdriver`);
                                  ``threadedpool`` and ``sqlalchemy`` are psycopg2's,
@@ -154,8 +155,18 @@ def make_handheld_app(dsn: str, driver: str) -> WSGIApplication:
 
 
 def make_pgconn_app(dsn: str, scope: str, driver: str) -> WSGIApplication:
-    """The page behind :class:`wsgi_pgconn.PgConnMiddleware`."""
+    """The page behind :class:`wsgi_pgconn.PgConnMiddleware`.
+
+    With ``WSGI_PGCONN_BENCH_GREEN=1`` (gunicorn's gevent worker) psycopg2
+    waits through gevent (:func:`wsgi_pgconn.green.patch_psycopg2`), as the
+    docs tell a gevent deployment to do; psycopg 3 needs nothing.
+    """
     from wsgi_pgconn import PgConnMiddleware, get_connection
+
+    if os.environ.get("WSGI_PGCONN_BENCH_GREEN") == "1" and driver == "psycopg2":
+        from wsgi_pgconn import green
+
+        green.patch_psycopg2()
 
     def page(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         with get_connection(environ).cursor() as cur:

@@ -209,6 +209,12 @@ class Bench:
                     venv = servers.server_venv()
                     return f"{venv}/bin/pip install {module} (or {servers.INSTALL_HINT})"
                 return f"pip install {module}"
+        if variant.server == "gunicorn-gevent" and not servers.gunicorn_python():
+            return f"gunicorn not found: run {servers.INSTALL_HINT}"
+        if variant.server == "waitress" and not servers.venv_tool("waitress-serve"):
+            return (
+                f"waitress-serve not found in {servers.server_venv()}: run {servers.INSTALL_HINT}"
+            )
         if variant.threads == 1 and self.server_kind == "werkzeug":
             return "needs one thread per process; werkzeug's server starts a thread per request"
         if variant.name.startswith("connect") and variant.dsn == "tcp" and not self.db.tcp_dsn:
@@ -266,6 +272,23 @@ class Bench:
         env["WSGI_PGCONN_BENCH_DSN"] = self.variant_dsn(variant, application_name)
         env["WSGI_PGCONN_BENCH_POOL_SIZE"] = str(self.args.pool_size or threads)
         name = "bench-" + variant.name
+        if variant.server == "gunicorn-gevent":
+            return servers.gunicorn_server(
+                variant.module + ":application",
+                workers=self.args.processes,
+                worker_class="gevent",
+                python_path=[self.stage],
+                env=env,
+                name=name,
+            )
+        if variant.server == "waitress":
+            return servers.waitress_server(
+                variant.module + ":application",
+                threads=threads,
+                python_path=[self.stage],
+                env=env,
+                name=name,
+            )
         if self.server_kind == "mod_wsgi":
             return servers.mod_wsgi_server(
                 variant.module,
@@ -608,7 +631,11 @@ def format_table(outcomes: dict[str, Outcome], names: Sequence[str], rtt: float 
     lines.append("")
     lines.append(
         "x hand-held: against the hand-held connection of the row's own driver "
-        "(-pg2 psycopg2, -pg3 psycopg 3)."
+        "(-pg2 psycopg2, -pg3 psycopg 3)",
+    )
+    lines.append(
+        "and server (gevent-* and waitress-* rows run under servers of their own, named in"
+        " their description)."
     )
     if rtt:
         lines += [

@@ -29,11 +29,14 @@ class Variant:
     #: The row's driver (psycopg2 | psycopg), set as WSGI_PGCONN_DRIVER for its
     #: server; None: the run's WSGI_PGCONN_DRIVER (default auto).
     driver: str | None = None
+    #: A server of the row's own (gunicorn-gevent | waitress) instead of the run's.
+    server: str | None = None
 
     @property
     def upper_bound(self) -> str:
-        """The hand-held connection of the row's driver: the ``x hand-held`` column."""
-        return HANDHELD_PG3 if self.driver == PSYCOPG else HANDHELD_PG2
+        """The hand-held connection of the row's driver (and server): the ``x hand-held`` column."""
+        suffix = "pg3" if self.driver == PSYCOPG else "pg2"
+        return f"{self.server}-handheld-{suffix}" if self.server else f"handheld-{suffix}"
 
 
 APPS = "wsgi_pgconn.tooling.bench.apps"
@@ -41,6 +44,10 @@ DJANGO = "wsgi_pgconn.tooling.bench.django_app"
 FSA = "wsgi_pgconn.tooling.bench.fsa_app"
 HANDHELD_PG2 = "handheld-pg2"
 HANDHELD_PG3 = "handheld-pg3"
+#: A row's own server: gunicorn's gevent worker (--processes workers, a greenlet per client).
+GUNICORN_GEVENT = "gunicorn-gevent"
+#: A row's own server: waitress-serve (one process, --threads threads).
+WAITRESS = "waitress"
 
 
 def _app(kind: str, **env: str) -> dict[str, str]:
@@ -238,6 +245,39 @@ VARIANTS = [
         env=_app("connect"),
         dsn="pgbouncer",
         driver=PSYCOPG2,
+    ),
+    # Servers of their own (not the run's): gunicorn's gevent worker, waitress
+    Variant(
+        "gevent-pool-pg2",
+        "gunicorn -k gevent: wsgi_pgconn scope=pool (wait callback)",
+        env=_app("pgconn", WSGI_PGCONN_BENCH_SCOPE="pool", WSGI_PGCONN_BENCH_GREEN="1"),
+        needs=("gevent",),
+        driver=PSYCOPG2,
+        server=GUNICORN_GEVENT,
+    ),
+    Variant(
+        "gevent-pool-pg3",
+        "gunicorn -k gevent: wsgi_pgconn scope=pool",
+        env=_app("pgconn", WSGI_PGCONN_BENCH_SCOPE="pool", WSGI_PGCONN_BENCH_GREEN="1"),
+        needs=("gevent",),
+        driver=PSYCOPG,
+        server=GUNICORN_GEVENT,
+    ),
+    Variant(
+        "waitress-handheld-pg2",
+        "waitress: hand-held thread-local connection",
+        env=_app("handheld"),
+        needs=("waitress",),
+        driver=PSYCOPG2,
+        server=WAITRESS,
+    ),
+    Variant(
+        "waitress-thread-pg2",
+        "waitress: wsgi_pgconn scope=thread",
+        env=_app("pgconn", WSGI_PGCONN_BENCH_SCOPE="thread"),
+        needs=("waitress",),
+        driver=PSYCOPG2,
+        server=WAITRESS,
     ),
 ]
 
