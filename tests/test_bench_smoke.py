@@ -2,7 +2,9 @@
 
 Each test benchmarks a database of its own on the run's server, named by
 DATABASE_URL with ``--use-database-url``, and checks that the benchmark left
-nothing behind there.
+nothing behind there. Every row fixes its driver (``-pg2``/``-pg3``); the
+tests take the rows of the run's driver (WSGI_PGCONN_DRIVER), and the test of
+the rows that exist for one driver only runs on the psycopg 3 leg.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ from typing import Any
 import psycopg2
 import pytest
 
+from wsgi_pgconn import drivers
 from wsgi_pgconn.tooling import TOOLING_ENVIRONMENT
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE_TABLE = "wsgi_pgconn_bench_item"
-KEPT = set(TOOLING_ENVIRONMENT) - {"WSGI_PGCONN_TEST_DSN"}  # servers' venv, ports, bindir
+# servers' venv, ports, bindir; and the run's driver
+KEPT = (set(TOOLING_ENVIRONMENT) - {"WSGI_PGCONN_TEST_DSN"}) | {"WSGI_PGCONN_DRIVER"}
+#: The driver of this run, and the suffix of its rows.
+DRIVER = drivers.resolve(os.environ.get("WSGI_PGCONN_DRIVER") or "auto")
+PG = {"psycopg2": "pg2", "psycopg": "pg3"}[DRIVER]
+HANDHELD = f"handheld-{PG}"
+THREAD = f"pgconn-thread-{PG}"
+DJANGO_PGCONN = f"django-pgconn-{PG}"
 
 
 @pytest.fixture
@@ -81,7 +91,7 @@ def run_bench(
     dbname: str,
     tmp_path: Path,
     *extra: str,
-    variants: str = "handheld,pgconn-thread,django-pgconn",
+    variants: str = f"{HANDHELD},{THREAD},{DJANGO_PGCONN}",
     repeat: int = 1,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "bench.json"
@@ -119,10 +129,11 @@ def table_rows(stdout: str) -> dict[str, str]:
 
 def check(pg: Any, proc: subprocess.CompletedProcess[str], data: dict[str, Any]) -> None:
     rows = {r["variant"]: r for r in data["results"]}
-    for name in ("handheld", "pgconn-thread"):
+    for name in (HANDHELD, THREAD):
         row = rows[name]
         assert row["failed"] is None, row
         assert row["skipped"] is None, row
+        assert row["driver"] == DRIVER, row  # what the page said served it
         assert row["rps"] > 0, row
         assert row["errors"] == 0, row
         assert row["p50_ms"] > 0, row
@@ -146,10 +157,12 @@ def check(pg: Any, proc: subprocess.CompletedProcess[str], data: dict[str, Any])
         assert f"mod_wsgi {server['packages']['mod_wsgi']}" in out
     # the table: a header, a rule and one line per variant
     table = table_rows(out)
-    assert set(table) == {"handheld", "pgconn-thread", "django-pgconn"}
-    assert table["handheld"].rstrip().endswith("1.00")  # its own ratio, never noise
-    if rows["django-pgconn"]["skipped"]:
-        assert "skipped: " in table["django-pgconn"]
+    assert set(table) == {HANDHELD, THREAD, DJANGO_PGCONN}
+    assert table[HANDHELD].rstrip().endswith("1.00")  # its own ratio, never noise
+    if rows[DJANGO_PGCONN]["skipped"]:
+        assert "skipped: " in table[DJANGO_PGCONN]
+    else:
+        assert rows[DJANGO_PGCONN]["driver"] == DRIVER, rows[DJANGO_PGCONN]
     # the password in DATABASE_URL is never printed; the masked target is
     password = getattr(pg, "password", "")
     if password:
@@ -179,12 +192,12 @@ def test_bench_default_server_and_load(pg: Any, bench_db: str, tmp_path: Path) -
     check(pg, proc, data)
     rows = {r["variant"]: r for r in data["results"]}
     table = table_rows(proc.stdout)
-    for name in ("handheld", "pgconn-thread"):
+    for name in (HANDHELD, THREAD):
         low, high = rows[name]["rps_min"], rows[name]["rps_max"]
         assert f"  {low:.0f}-{high:.0f}  " in table[name]
-    hand, thread = rows["handheld"], rows["pgconn-thread"]
+    hand, thread = rows[HANDHELD], rows[THREAD]
     overlap = thread["rps_min"] <= hand["rps_max"] and hand["rps_min"] <= thread["rps_max"]
-    assert table["pgconn-thread"].rstrip().endswith(" ~") == overlap
+    assert table[THREAD].rstrip().endswith(" ~") == overlap
     assert "A ratio marked ~ is" in proc.stdout
 
 
@@ -195,7 +208,7 @@ def test_bench_pgbouncer_over_its_unix_socket(pg: Any, bench_db: str, tmp_path: 
 
     if pgbouncer_path() is None:
         pytest.skip(INSTALL_HINT)
-    proc, data = run_bench(pg, bench_db, tmp_path, variants="pgbouncer")
+    proc, data = run_bench(pg, bench_db, tmp_path, variants="pgbouncer-pg2")
     (row,) = data["results"]
     assert row["failed"] is None, proc.stderr
     assert row["skipped"] is None, row
@@ -208,7 +221,7 @@ def test_bench_pgbouncer_over_its_unix_socket(pg: Any, bench_db: str, tmp_path: 
 def test_database_url_needs_the_flag(pg: Any, bench_db: str) -> None:
     """A DATABASE_URL the benchmark did not create is named (masked) and refused."""
     proc = subprocess.run(
-        bench_argv(variants="handheld"),
+        bench_argv(variants=HANDHELD),
         cwd=REPO,
         env=bench_env(pg, bench_db),
         capture_output=True,
@@ -232,7 +245,7 @@ def test_a_table_already_there_is_left_alone(pg: Any, bench_db: str) -> None:
     admin(pg, bench_db, f"CREATE TABLE {PAGE_TABLE} (mine text)")
     admin(pg, bench_db, f"INSERT INTO {PAGE_TABLE} VALUES ('keep me')")
     proc = subprocess.run(
-        bench_argv("--use-database-url", variants="handheld"),
+        bench_argv("--use-database-url", variants=HANDHELD),
         cwd=REPO,
         env=bench_env(pg, bench_db),
         capture_output=True,
@@ -255,7 +268,7 @@ def test_ctrl_c_drops_the_table_and_stops_the_servers(pg: Any, bench_db: str) ->
             "werkzeug",
             "--load",
             "python",
-            variants="handheld",
+            variants=HANDHELD,
             duration="60",
         ),
         cwd=REPO,
@@ -270,7 +283,7 @@ def test_ctrl_c_drops_the_table_and_stops_the_servers(pg: Any, bench_db: str) ->
         while not admin(
             pg,
             bench_db,
-            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'bench_handheld'",
+            f"SELECT 1 FROM pg_stat_activity WHERE application_name = 'bench_handheld_{PG}'",
         ):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the benchmark never started serving"
@@ -286,7 +299,7 @@ def test_ctrl_c_drops_the_table_and_stops_the_servers(pg: Any, bench_db: str) ->
     assert "interrupted" in stderr
     assert not table_exists(pg, bench_db)
     # The server was stopped: its backends leave as soon as they notice (poll, bounded).
-    left = "SELECT pid FROM pg_stat_activity WHERE application_name = 'bench_handheld'"
+    left = f"SELECT pid FROM pg_stat_activity WHERE application_name = 'bench_handheld_{PG}'"
     deadline = time.monotonic() + 15
     while admin(pg, bench_db, left):
         assert time.monotonic() < deadline, "the server's connections were left behind"
@@ -294,20 +307,24 @@ def test_ctrl_c_drops_the_table_and_stops_the_servers(pg: Any, bench_db: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.cluster_only("starts a throwaway cluster of its own and reads its log")
-def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
-    """``python -m wsgi_pgconn.tooling.bench.cpu`` on its own throwaway cluster, a few requests."""
+def test_cpu_per_request_and_round_trips(pg: Any, bench_db: str, tmp_path: Path) -> None:
+    """``python -m wsgi_pgconn.tooling.bench.cpu``, a few requests; round trips through the relay.
+
+    On the run's driver: the hand-held connection sends BEGIN, the three
+    queries and COMMIT one at a time (5 turns); wsgi_pgconn and its Django
+    adapter send BEGIN with the first query (4); Django in autocommit sends
+    the three queries alone (3).
+    """
     out = tmp_path / "cpu.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
-    env.pop("DATABASE_URL", None)
-    env["PYTHONPATH"] = str(REPO)
+    names = [HANDHELD, THREAD, f"django-maxage-{PG}", DJANGO_PGCONN]
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "wsgi_pgconn.tooling.bench.cpu",
+            "--use-database-url",
             "--variants",
-            "django-maxage,django-pgconn",
+            ",".join(names),
             "--requests",
             "30",
             "--batches",
@@ -320,23 +337,95 @@ def test_cpu_per_request_and_round_trips(tmp_path: Path) -> None:
             str(out),
         ],
         cwd=REPO,
-        env=env,
+        env=bench_env(pg, bench_db),
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not table_exists(pg, bench_db), "the benchmark left its table behind"
     data = json.loads(out.read_text())
-    for name in ("django-maxage", "django-pgconn"):
+    for name in names:
         assert len(data["results"][name]["cpu"]) == 2
         assert all(us > 0 for us in data["results"][name]["cpu"])
-    trips = data["round_trips"]
-    # Django in autocommit: the three queries. The adapter: BEGIN, the three, COMMIT,
-    # and no setup statement once the connection is prepared.
-    assert trips["django-maxage"]["per_request"] == 3
-    assert trips["django-pgconn"]["per_request"] == 5
-    last = trips["django-pgconn"]["last_request"]
-    assert last[0] == "BEGIN"
-    assert last[-1] == "COMMIT"
-    assert "django-pgconn" in proc.stdout
+        assert data["results"][name]["driver"] == DRIVER
+        assert name in proc.stdout
+    trips = {name: data["round_trips"][name]["per_request"] for name in names}
+    assert trips == {HANDHELD: 5, THREAD: 4, f"django-maxage-{PG}": 3, DJANGO_PGCONN: 4}
+    for name in names:
+        first = data["round_trips"][name]["first"]
+        assert first > trips[name], "the first request connects: startup and authentication"
+        if DRIVER == "psycopg2":  # one simple-protocol query message per turn
+            assert data["round_trips"][name]["messages_per_request"] == {"Q": trips[name]}
+
+
+# -- the rows of issues 10 and 13, and --rtt ----------------------------------------------------
+
+#: Rows that exist for one driver only, or fix another driver than the run's.
+NEW_ROWS = (
+    "psycopg-pool-pg3",
+    "django-pool-atomic-pg3",
+    "django-maxage-pg2",  # Django on psycopg2 although the servers have psycopg 3
+    "fsa-pgconn-pg2",
+    "gevent-pool-pg3",  # servers of their own: gunicorn's gevent worker, waitress
+    "waitress-thread-pg2",
+)
+
+
+@pytest.mark.slow
+def test_bench_rows_of_both_drivers(pg: Any, bench_db: str, tmp_path: Path) -> None:
+    """psycopg_pool, Django's pool, Django kept on psycopg2, Flask-SQLAlchemy, gevent, waitress.
+
+    The rows fix their own drivers, so this runs once (on the psycopg 3 leg).
+    A row whose server lacks a package is skipped with the install command.
+    """
+    if DRIVER != "psycopg":
+        pytest.skip("the rows fix their own drivers: checked once, on the psycopg 3 leg")
+    proc, data = run_bench(pg, bench_db, tmp_path, variants=",".join(NEW_ROWS))
+    rows = {r["variant"]: r for r in data["results"]}
+    assert list(rows) == list(NEW_ROWS)
+    table = table_rows(proc.stdout)
+    for name, row in rows.items():
+        if row["skipped"]:
+            assert "pip install" in row["skipped"] or "not found" in row["skipped"], row
+            continue
+        assert row["failed"] is None, proc.stderr
+        assert row["errors"] == 0, proc.stderr
+        assert row["rps"] > 0, row
+        # what served the page: the row's driver (psycopg 3 kept out of the -pg2 servers)
+        assert row["driver"] == {"pg2": "psycopg2", "pg3": "psycopg"}[name[-3:]], row
+        assert table[name].split()[-1] == "-"  # no hand-held row of its driver in this run
+
+
+@pytest.mark.slow
+def test_bench_with_network_latency(pg: Any, bench_db: str, tmp_path: Path) -> None:
+    """--rtt 1ms: the relay counts the round trips per request, and the latency is real."""
+    variants = f"{HANDHELD},{THREAD},connect-unix-pg2"
+    proc, data = run_bench(pg, bench_db, tmp_path, "--rtt", "1ms", variants=variants)
+    assert data["rtt_ms"] == 1.0
+    rows = {r["variant"]: r for r in data["results"]}
+    assert "with --rtt every row reaches PostgreSQL over TCP" in rows["connect-unix-pg2"]["skipped"]
+    for name, trips in ((HANDHELD, 5), (THREAD, 4)):
+        row = rows[name]
+        assert row["failed"] is None, proc.stderr
+        assert row["errors"] == 0, proc.stderr
+        # measured on the wire; requests cut by the end of the run blur it a little
+        assert row["round_trips_per_request"] == pytest.approx(trips, abs=0.2), row
+        assert row["p50_ms"] >= trips * 1.0, row  # each round trip waits 1 ms at least
+        assert 0 < row["relay_cpu_share"] < 2, row
+    relay = data["relay"]
+    assert relay["rtt"] == 0.001
+    assert relay["turns"] > 0
+    assert relay["cpu_seconds"] > 0
+    out = proc.stdout
+    assert "rtt 1 ms (relay)" in out
+    assert "network:  relay (rtt 1 ms): " in out
+    header = next(line for line in out.splitlines() if line.startswith("variant "))
+    assert "trips/req" in header
+    assert "relay cpu" in header
+    assert f"{THREAD} / {HANDHELD}" in out
+    assert "target >= 1.15" in out
+    targets = {(t["row"], t["over"]): t for t in data["targets"]}
+    ratio = targets[(THREAD, HANDHELD)]["ratio"]
+    assert ratio == pytest.approx(rows[THREAD]["rps"] / rows[HANDHELD]["rps"])

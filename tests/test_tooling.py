@@ -179,5 +179,5 @@ def test_short_commands_and_names_still_work() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("connect-tcp ")
+    assert proc.stdout.startswith("connect-tcp-pg2 ")
     assert proc.stderr == ""  # no runpy warning about a module found twice

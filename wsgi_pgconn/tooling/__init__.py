@@ -34,4 +34,5 @@ TOOLING_ENVIRONMENT: tuple[str, ...] = (
     "WSGI_PGCONN_BENCH_POOL_SIZE",
     "WSGI_PGCONN_BENCH_SCOPE",
     "WSGI_PGCONN_BENCH_FSA",  # the Flask-SQLAlchemy page's variant
+    "WSGI_PGCONN_BENCH_GREEN",  # the benchmark's page under gevent
 )

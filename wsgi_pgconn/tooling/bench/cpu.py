@@ -13,10 +13,19 @@ variants alternate, the order reversed every other round, so that a busy
 spell of a shared machine hits them alike; the table shows the best and the
 median batch.
 
-Round trips are counted by the server: one more child per variant runs with
-``log_statement = all`` for its own session and the statements it sent are
-read back from the server log, for the first request (connection setup
-included) and per request after it.
+Round trips are counted on the wire: more children per variant run through
+a latency relay (:mod:`wsgi_pgconn.tooling.relay`, 2 ms round-trip time, so
+that a turn is counted only when the client waited for the answer), which
+counts client/server *turns*: for the first request (connection setup
+included) and per request once the connection is warm (psycopg 3 prepares a
+statement after its fifth execution, at a turn of its own, once per
+connection: the warm-up requests take those). It also counts the protocol
+messages the client sent per request (``Q`` simple query; ``P``/``B``/``E``/``S``
+extended protocol).
+
+Each variant runs on its driver (the ``-pg2``/``-pg3`` of its name, set as
+``WSGI_PGCONN_DRIVER`` in its child); a variant without one takes the
+``WSGI_PGCONN_DRIVER`` of the caller's environment.
 """
 
 from __future__ import annotations
@@ -37,15 +46,22 @@ import wsgi_pgconn
 from wsgi_pgconn.tooling.bench.variants import BY_NAME
 
 DEFAULT_VARIANTS = (
-    "handheld",
-    "pgconn-thread",
-    "django-maxage",
-    "django-health",
-    "django-maxage-atomic",
-    "django-pgconn",
+    "handheld-pg2",
+    "pgconn-thread-pg2",
+    "django-maxage-pg2",
+    "django-maxage-atomic-pg2",
+    "django-pgconn-pg2",
+    "handheld-pg3",
+    "pgconn-thread-pg3",
+    "django-maxage-pg3",
+    "django-maxage-atomic-pg3",
+    "django-pgconn-pg3",
 )
-LOG_PREFIX = "%m [%p] %a: "
-STATEMENT_MARK = "LOG:  statement: "
+#: The relay's round-trip time while counting: long enough that an answer never
+#: overtakes what the client is still writing (see tests/test_round_trips.py).
+COUNTING_RTT = 0.002
+#: Requests before the turns per request are counted (connection set-up, prepared statements).
+COUNTING_WARMUP = 10
 
 
 def _environ() -> dict[str, Any]:
@@ -90,15 +106,36 @@ def _request(app: Any, template: dict[str, Any]) -> None:
             close()
 
 
+def _page(app: Any, template: dict[str, Any]) -> bytes:
+    """One request; returns the body."""
+    environ = dict(template)
+    body: Iterable[bytes] = app(environ, _start_response)
+    try:
+        return b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
 def child(variant_name: str, dsn: str, requests: int, batches: int, warmup: int) -> int:
     """Import the variant's application, call it; print one JSON line of µs per request."""
     variant = BY_NAME[variant_name]
     os.environ.update(variant.env)
+    if variant.driver:
+        os.environ["WSGI_PGCONN_DRIVER"] = variant.driver
     os.environ["WSGI_PGCONN_BENCH_DSN"] = dsn
     os.environ["WSGI_PGCONN_BENCH_POOL_SIZE"] = "4"
     app = importlib.import_module(variant.module).application
+    from wsgi_pgconn.tooling.bench.apps import DRIVER_IN_PAGE  # after: it keeps a driver out
+
     template = _environ()
-    for _ in range(warmup):
+    # The first request (of the warm-up) checks the page's driver.
+    match = DRIVER_IN_PAGE.search(_page(app, template))
+    driver = match.group(1).decode("ascii") if match else None
+    if variant.driver and driver != variant.driver:
+        raise RuntimeError(f"{variant_name} was served by {driver}, not {variant.driver}")
+    for _ in range(warmup - 1):
         _request(app, template)
     cpu: list[float] = []
     sys_: list[float] = []
@@ -111,13 +148,24 @@ def child(variant_name: str, dsn: str, requests: int, batches: int, warmup: int)
         cpu.append((c1 - c0) / requests * 1e6)
         sys_.append((t1.system - t0.system) / requests * 1e6)
         wall.append((w1 - w0) / requests * 1e6)
-    result = {"variant": variant_name, "cpu_us": cpu, "sys_us": sys_, "wall_us": wall}
+    result = {
+        "variant": variant_name,
+        "driver": driver,
+        "cpu_us": cpu,
+        "sys_us": sys_,
+        "wall_us": wall,
+    }
     print(json.dumps(result), flush=True)
     return 0
 
 
 def _run_child(variant: str, dsn: str, requests: int, batches: int, warmup: int) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGI_PGCONN_")}
+    # The caller's WSGI_PGCONN_DRIVER reaches a variant that has no driver of its own.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("WSGI_PGCONN_") or k == "WSGI_PGCONN_DRIVER"
+    }
     env.pop("DATABASE_URL", None)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (_package_parent(), env.get("PYTHONPATH", "")) if p
@@ -149,50 +197,57 @@ def _package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(wsgi_pgconn.__file__)))
 
 
-def _statements(log: str, application_name: str) -> list[str]:
-    tag = f" {application_name}: {STATEMENT_MARK}"
-    return [line.split(tag, 1)[1].strip() for line in log.splitlines() if tag in line]
+def count_round_trips(target: tuple[str, int] | str, dsn: str, variant: str) -> dict[str, Any]:
+    """Turns ``variant`` makes through a relay: its first request, then per warm request.
 
-
-def count_round_trips(cluster: Any, dsn: str, variant: str, requests: int) -> dict[str, Any]:
-    """Statements the server received from ``variant``: first request, then per request."""
+    ``target`` is the database's address (the relay connects there), ``dsn``
+    how the child would reach it directly. Each count is a child of its own:
+    1 request, :data:`COUNTING_WARMUP` requests, and that plus 20; turns per
+    request are the difference of the last two over 20.
+    """
     from wsgi_pgconn.tooling.bench.database import with_params
+    from wsgi_pgconn.tooling.relay import Relay
 
-    counts = []
-    tails: list[str] = []
-    for n in (1, 1 + requests):
-        name = f"cpu_{variant.replace('-', '_')}_{n}"
-        logged = with_params(dsn, application_name=name, options="-c log_statement=all")
-        _run_child(variant, logged, n, 1, 0)
-        statements = _statements(cluster.read_log(), name)
-        counts.append(len(statements))
-        tails = statements
-    per_request = (counts[1] - counts[0]) / requests
-    per = round(per_request)
+    extra = 20
+    turns: list[int] = []
+    sent: dict[str, int] = {}
+    with Relay(target, rtt=COUNTING_RTT, handshake=False) as relay:
+        relayed = with_params(
+            dsn,
+            host=relay.host,
+            port=str(relay.port),
+            application_name=f"cpu_{variant.replace('-', '_')}",
+        )
+        for n in (1, COUNTING_WARMUP, COUNTING_WARMUP + extra):
+            before = relay.stats()
+            _run_child(variant, relayed, 0, 0, n)  # n requests: the warm-up only
+            done = relay.stats().since(before)
+            turns.append(done.turns)
+            if n > 1:
+                for kind, count in done.to_server.types.items():
+                    sent[kind] = sent.get(kind, 0) + count * (1 if n > COUNTING_WARMUP else -1)
     return {
-        "first": counts[0],
-        "per_request": per_request,
-        "last_request": tails[-per:] if per > 0 else [],
+        "first": turns[0],
+        "per_request": (turns[2] - turns[1]) / extra,
+        "messages_per_request": {k: v / extra for k, v in sorted(sent.items()) if v},
     }
 
 
 def parent(args: argparse.Namespace) -> int:
-    from wsgi_pgconn.tooling.bench.database import open_database, with_params
+    from wsgi_pgconn.tooling.bench.database import open_database, server_address, with_params
+    from wsgi_pgconn.tooling.bench.runner import select_variants
 
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BY_NAME]
+    names, unknown = select_variants(args.variants)
     if unknown:
         print(f"unknown variant(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
-    results: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "wall": []} for n in names}
+    results: dict[str, dict[str, Any]] = {n: {"cpu": [], "wall": []} for n in names}
     trips: dict[str, dict[str, Any]] = {}
 
     def log(message: str) -> None:
         print("cpu: " + message, file=sys.stderr, flush=True)
 
-    with open_database(
-        log, settings={"log_line_prefix": LOG_PREFIX}, use_database_url=args.use_database_url
-    ) as db:
+    with open_database(log, use_database_url=args.use_database_url) as db:
         for rnd in range(args.rounds):
             order = names if rnd % 2 == 0 else names[::-1]
             for name in order:
@@ -200,13 +255,16 @@ def parent(args: argparse.Namespace) -> int:
                 out = _run_child(name, dsn, args.requests, args.batches, args.warmup)
                 results[name]["cpu"] += out["cpu_us"]
                 results[name]["wall"] += out["wall_us"]
+                results[name]["driver"] = out["driver"]
                 log(
                     f"round {rnd + 1}: {name:<21} cpu {min(out['cpu_us']):7.1f} µs"
                     f"  wall {min(out['wall_us']):7.1f} µs"
                 )
-        if db.cluster is not None and not args.no_round_trips:
+        if not args.no_round_trips:
+            target = server_address(db.app_dsn)
             for name in names:
-                trips[name] = count_round_trips(db.cluster, db.app_dsn, name, 20)
+                trips[name] = count_round_trips(target, db.app_dsn, name)
+                log(f"{name}: {trips[name]['per_request']:.2f} round trips per request")
     print(format_results(names, results, trips, args))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -216,28 +274,41 @@ def parent(args: argparse.Namespace) -> int:
 
 def format_results(
     names: Sequence[str],
-    results: dict[str, dict[str, list[float]]],
+    results: dict[str, dict[str, Any]],
     trips: dict[str, dict[str, Any]],
     args: argparse.Namespace,
 ) -> str:
+    width = max(len("variant"), *(len(n) for n in names)) + 2
     lines = [
         f"µs per request in one thread; {args.rounds} rounds x {args.batches} batches x "
-        f"{args.requests} requests per variant (best / median batch)",
-        f"{'variant':<22}{'cpu best':>10}{'cpu med':>10}{'wall best':>11}{'wall med':>10}"
-        f"{'trips 1st':>11}{'trips/req':>11}",
+        f"{args.requests} requests per variant (best / median batch); round trips counted "
+        "by a relay",
+        f"{'variant':<{width}}{'driver':<10}{'cpu best':>10}{'cpu med':>10}{'wall best':>11}"
+        f"{'wall med':>10}{'trips 1st':>11}{'trips/req':>11}",
     ]
     for name in names:
         cpu, wall = results[name]["cpu"], results[name]["wall"]
         trip = trips.get(name)
         lines.append(
-            f"{name:<22}{min(cpu):10.1f}{statistics.median(cpu):10.1f}"
+            f"{name:<{width}}{results[name].get('driver') or '?':<10}"
+            f"{min(cpu):10.1f}{statistics.median(cpu):10.1f}"
             f"{min(wall):11.1f}{statistics.median(wall):10.1f}"
             + (f"{trip['first']:11d}{trip['per_request']:11.2f}" if trip else "")
         )
-    for name in names:
-        trip = trips.get(name)
-        if trip:
-            lines.append(f"{name}: one request sends: " + "; ".join(trip["last_request"]))
+    if trips:
+        lines += [
+            "",
+            "trips 1st: turns of the first request (connecting included); trips/req: per request",
+            "once warm. Protocol messages the client sends per warm request (Q simple query;",
+            "P/B/E/S parse/bind/execute/sync; D describe; X terminate):",
+        ]
+        for name in names:
+            trip = trips.get(name)
+            if trip:
+                sent = ", ".join(
+                    f"{kind} {count:g}" for kind, count in trip["messages_per_request"].items()
+                )
+                lines.append(f"  {name:<{width}}{sent}")
     return "\n".join(lines)
 
 

@@ -54,6 +54,25 @@ def is_unix(dsn: str) -> bool:
     return host == "" or host.startswith("/")
 
 
+def server_address(dsn: str) -> tuple[str, int] | str:
+    """Where ``dsn`` connects: ``(host, port)``, or the path of a unix socket.
+
+    For the latency relay, which connects there in the client's stead.
+    Raises ValueError for what a relay cannot stand in for (several hosts, a
+    socket without a host naming its directory).
+    """
+    params = parse_dsn(dsn)
+    host = str(params.get("hostaddr") or params.get("host") or "")
+    port = str(params.get("port") or "5432")
+    if "," in host or "," in port or not port.isdigit():
+        raise ValueError(f"--rtt needs a connection string with one host and port, not {host!r}")
+    if host == "" or host.startswith("/"):
+        if not host:
+            raise ValueError("--rtt needs the host (socket directory) in the connection string")
+        return f"{host}/.s.PGSQL.{port}"
+    return host, int(port)
+
+
 class BenchDatabase:
     """Connection strings for the variants, plus a monitor connection."""
 

@@ -17,7 +17,17 @@ import sys
 from dataclasses import dataclass, field
 
 # Distribution names asked of the servers' Python, in the order shown.
-SERVER_PACKAGES = ("mod_wsgi", "gunicorn", "werkzeug", "flask", "django", "sqlalchemy")
+SERVER_PACKAGES = (
+    "mod_wsgi",
+    "gunicorn",
+    "werkzeug",
+    "flask",
+    "django",
+    "sqlalchemy",
+    "flask-sqlalchemy",
+    "psycopg",
+    "psycopg-pool",
+)
 _PSYCOPG2 = ("psycopg2", "psycopg2-binary")
 
 _VERSIONS_SCRIPT = r"""
@@ -156,9 +166,16 @@ class Environment:
                 shown.append(f"{name} {packages[name]}")
         if self.server_kind == "mod_wsgi" and self.apache:
             shown.append(f"Apache {self.apache}")
-        for name in ("flask", "django", "sqlalchemy", "psycopg2"):
+        label = {
+            "flask": "Flask",
+            "django": "Django",
+            "sqlalchemy": "SQLAlchemy",
+            "flask-sqlalchemy": "Flask-SQLAlchemy",
+            "psycopg": "psycopg",
+            "psycopg-pool": "psycopg_pool",
+        }
+        for name in (*label, "psycopg2"):
             if name in packages:
-                label = {"flask": "Flask", "django": "Django", "sqlalchemy": "SQLAlchemy"}
                 shown.append(f"{label.get(name, name)} {packages[name]}")
         return shown
 

@@ -1,9 +1,7 @@
-"""Benchmark applications: the same Flask-SQLAlchemy page on three kinds of connections.
+"""The benchmark page as a Flask-SQLAlchemy app, on three kinds of connections.
 
-Meant for ``python -m wsgi_pgconn.bench`` (to be moved next to the
-benchmark's other applications, e.g. ``wsgi_pgconn/tooling/bench/fsa_app.py``,
-and listed as variants there). A server imports this module and serves
-``application``; environment variables choose the variant:
+The ``fsa-*`` rows of ``python -m wsgi_pgconn.bench``. A server imports this
+module and serves ``application``; environment variables choose the variant:
 
 ``WSGI_PGCONN_BENCH_FSA``        ``own`` (Flask-SQLAlchemy's own QueuePool),
                                  ``own-ping`` (the same with ``pool_pre_ping``),
@@ -12,12 +10,14 @@ and listed as variants there). A server imports this module and serves
 ``WSGI_PGCONN_BENCH_DSN``        libpq connection string or URL
 ``WSGI_PGCONN_BENCH_SCOPE``      wsgi_pgconn scope (``pgconn`` only; default thread)
 ``WSGI_PGCONN_BENCH_POOL_SIZE``  QueuePool size, or wsgi_pgconn's pool size (default 4)
+``WSGI_PGCONN_DRIVER``           the row's driver (psycopg2 or psycopg; the other one is
+                                 kept out of the process, see :mod:`.rowdriver`)
 
 The page is the benchmark's: the item of a rotating id (``Session.get``), the
 number of items, the backend pid, through the session of the request, on
 ``wsgi_pgconn_bench_item`` (id, name). It does not commit: Flask-SQLAlchemy
 ends the session at the end of the request (a rollback), as a read-only page
-of a Flask-SQLAlchemy site does. The driver is psycopg2 in all three.
+of a Flask-SQLAlchemy site does. The page names the driver SQLAlchemy uses.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import sqlalchemy as sa
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-PAGE_TABLE = "wsgi_pgconn_bench_item"
-PAGE_ROWS = 100
+from wsgi_pgconn.tooling.bench.apps import PAGE_ROWS, PAGE_TABLE, page_body
+from wsgi_pgconn.tooling.bench.rowdriver import isolate
+
 KINDS = ("own", "own-ping", "pgconn")
 
 _counter = itertools.count()
@@ -50,10 +51,16 @@ def make_application(
     dsn: str | None = None,
     scope: str | None = None,
     pool_size: int | None = None,
+    driver: str | None = None,
 ) -> flask.Flask:
-    """The Flask app of variant ``kind`` (default: the environment's)."""
+    """The Flask app of variant ``kind`` (default: the environment's) on ``driver``.
+
+    ``driver`` defaults to ``WSGI_PGCONN_DRIVER``; the other driver is kept
+    out of the process first (:func:`.rowdriver.isolate`).
+    """
     from wsgi_pgconn.sqlalchemy import engine_options, engine_url
 
+    driver = isolate(driver)
     kind = kind or os.environ["WSGI_PGCONN_BENCH_FSA"]
     if kind not in KINDS:
         raise ValueError(f"unknown Flask-SQLAlchemy benchmark variant {kind!r}")
@@ -71,7 +78,7 @@ def make_application(
         name: Mapped[str]
 
     app = flask.Flask(__name__)
-    app.config["SQLALCHEMY_DATABASE_URI"] = engine_url(dsn, driver="psycopg2")
+    app.config["SQLALCHEMY_DATABASE_URI"] = engine_url(dsn, driver=driver)
     if kind == "pgconn":
         from wsgi_pgconn.flask import PgConn
 
@@ -79,7 +86,7 @@ def make_application(
         scope = scope or os.environ.get("WSGI_PGCONN_BENCH_SCOPE") or "thread"
         extra: dict[str, Any] = {"pool_size": size} if scope == "pool" else {}
         db.init_app(app)
-        PgConn(app, dsn=dsn, scope=scope, driver="psycopg2", **extra)
+        PgConn(app, dsn=dsn, scope=scope, driver=driver, **extra)
     else:
         app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
             "pool_size": size,
@@ -88,16 +95,16 @@ def make_application(
         }
         db.init_app(app)
 
+    with app.app_context():
+        used = str(db.engine.dialect.driver)  # the DB-API module SQLAlchemy loaded
+
     @app.get("/")
     def page() -> flask.Response:
         row = db.session.get(BenchItem, _next_id())
         assert row is not None
         count = db.session.scalar(sa.select(sa.func.count()).select_from(BenchItem))
         backend = db.session.scalar(sa.select(sa.func.pg_backend_pid()))
-        body = (
-            "<!doctype html><title>bench</title>"
-            f"<p>item {row.id}: {row.name}</p><p>{count} items</p><p>backend {backend}</p>\n"
-        )
+        body = page_body(row.id, row.name, count, backend, used)
         return flask.Response(body, content_type="text/html; charset=us-ascii")
 
     return app
