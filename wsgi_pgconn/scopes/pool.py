@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from .base import PooledConnection, Registry
 
@@ -26,6 +27,8 @@ class PoolRegistry(Registry):
         self._idle: list[PooledConnection] = []
         self._busy: set[PooledConnection] = set()
         self._opening = 0
+        #: Requests waiting for a connection now.
+        self._waiting = 0
 
     def checkout(self) -> PooledConnection:
         settings = self.settings
@@ -47,9 +50,11 @@ class PoolRegistry(Registry):
                 if deadline is None:
                     deadline = now + settings.pool_timeout
                     waited_from = now
+                    self._waiting += 1
                     self.stats_counter.incr("pool_waits")
                 remaining = deadline - now
                 if remaining <= 0:
+                    self._waiting -= 1
                     self.stats_counter.incr("pool_timeouts")
                     self.stats_counter.incr("pool_wait_seconds", now - (waited_from or now))
                     raise self.driver.PoolTimeout(
@@ -57,8 +62,14 @@ class PoolRegistry(Registry):
                         f"{settings.pool_size} are in use (raise WSGI_PGCONN_POOL_SIZE or "
                         "WSGI_PGCONN_POOL_TIMEOUT, or find the slow requests)"
                     )
-                self._cond.wait(remaining)
+                try:
+                    self._cond.wait(remaining)
+                except BaseException:
+                    self._waiting -= 1
+                    raise
         if waited_from is not None:
+            with self._cond:
+                self._waiting -= 1
             self.stats_counter.incr("pool_wait_seconds", time.monotonic() - waited_from)
         if not fresh:
             if self._ready(rec):
@@ -102,6 +113,15 @@ class PoolRegistry(Registry):
     def _records(self) -> list[PooledConnection]:
         with self._cond:
             return [*self._idle, *self._busy]
+
+    def stats(self) -> dict[str, Any]:
+        result = super().stats()
+        result.update(pool_max=self.settings.pool_size, waiting=self._waiting)
+        return result
+
+    def occupancy(self) -> tuple[int, int, int]:
+        # Without the lock (an observer may be called with it held): len() is atomic.
+        return len(self._busy), len(self._idle), self._waiting
 
     def _forget(self) -> None:
         with self._cond:
