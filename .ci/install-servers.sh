@@ -8,7 +8,7 @@
 #   on Debian 12; WSGI_PGCONN_SERVER_PYTHON names another) in a world-readable
 #   place (default /opt/wsgi-pgconn-servers, override with
 #   WSGI_PGCONN_SERVER_VENV) holding mod_wsgi, gunicorn, uWSGI, waitress,
-#   gevent and psycogreen, flask, both drivers (psycopg2-binary, psycopg[binary]
+#   gevent and psycogreen (and packaging, which gunicorn's gevent worker imports), flask, both drivers (psycopg2-binary, psycopg[binary]
 #   and psycopg-pool), sqlalchemy, flask-sqlalchemy, django and prometheus-client.
 #
 # Why a separate venv: mod_wsgi-express run as root must drop to an
@@ -27,7 +27,8 @@ set -euo pipefail
 VENV="${WSGI_PGCONN_SERVER_VENV:-/opt/wsgi-pgconn-servers}"
 PY="${WSGI_PGCONN_SERVER_PYTHON:-/usr/bin/python3}"
 PIP_PACKAGES=(mod_wsgi gunicorn flask psycopg2-binary "psycopg[binary]>=3.2,<3.4" "psycopg-pool>=3.2"
-              sqlalchemy flask-sqlalchemy django gevent psycogreen waitress uwsgi prometheus-client)
+              sqlalchemy flask-sqlalchemy django gevent psycogreen waitress uwsgi prometheus-client
+              packaging)
 APT_PACKAGES=(apache2 apache2-dev wrk pgbouncer python3-dev python3-venv)
 
 SUDO=""
@@ -53,8 +54,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     $SUDO "$PY" -m venv "$VENV"
 fi
 
-if ! "$VENV/bin/python" -c "import mod_wsgi, gunicorn, flask, psycopg2, psycopg, psycopg_pool, sqlalchemy, flask_sqlalchemy, django, gevent, psycogreen, waitress, prometheus_client" 2>/dev/null \
-   || [ ! -x "$VENV/bin/mod_wsgi-express" ]; then
+if ! "$VENV/bin/python" -c "import mod_wsgi, gunicorn, flask, psycopg2, psycopg, psycopg_pool, sqlalchemy, flask_sqlalchemy, django, gevent, psycogreen, waitress, prometheus_client, packaging" 2>/dev/null \
+   || [ ! -x "$VENV/bin/mod_wsgi-express" ] || [ ! -x "$VENV/bin/uwsgi" ]; then
     echo "install-servers: pip install ${PIP_PACKAGES[*]} into $VENV"
     # --no-cache-dir: a mod_wsgi that pip built earlier for another Python
     # (pyenv's, say) must not be reused: it is linked against that Python.

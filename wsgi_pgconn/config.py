@@ -50,6 +50,7 @@ __all__ = [
     "Settings",
     "config",
     "exempt_matcher",
+    "is_set",
     "parse",
     "settings_environ",
     "unknown_variables",
@@ -86,6 +87,7 @@ SCOPES = ("thread", "process", "pool")
 RESETS = ("rollback", "discard")
 CHECKS = ("socket", "query")
 POOLERS = ("none", "session", "transaction")
+GREENLETS = ("auto", "off")
 ISOLATION_LEVELS = ("read committed", "repeatable read", "serializable")
 #: psycopg 3's own default for prepare_threshold.
 PSYCOPG_PREPARE_THRESHOLD = 5
@@ -155,6 +157,8 @@ class Settings:
     pipeline_begin: bool = True
     #: psycopg 3 only; -1 (the default) means 5, or None behind a transaction pooler.
     prepare_threshold: int | None = -1
+    #: "auto": recognise gevent/eventlet (see wsgi_pgconn.green); "off": treat greenlets as threads.
+    greenlets: str = "auto"
     #: Refuse unknown WSGI_PGCONN_* variables instead of warning about them.
     strict: bool = False
 
@@ -540,6 +544,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "driver": (ENV_PREFIX + "DRIVER", _choice(drivers.CHOICES)),
     "pipeline_begin": (ENV_PREFIX + "PIPELINE_BEGIN", _boolean),
     "prepare_threshold": (ENV_PREFIX + "PREPARE_THRESHOLD", _optional_integer),
+    "greenlets": (ENV_PREFIX + "GREENLETS", _choice(GREENLETS)),
     "strict": (ENV_PREFIX + "STRICT", _boolean),
 }
 
@@ -670,6 +675,13 @@ def sources(environ: Mapping[str, object], **overrides: object) -> dict[str, str
         else:
             result[name] = "default"
     return result
+
+
+def is_set(name: str, environ: Mapping[str, object], **overrides: object) -> bool:
+    """Whether setting ``name`` was given (a non-None override, or its non-empty variable)."""
+    if overrides.get(name) is not None:
+        return True
+    return SETTINGS[name][0] in settings_environ(environ)
 
 
 def config(**overrides: object) -> Settings:

@@ -21,10 +21,12 @@ the scope (:mod:`wsgi_pgconn.scopes`); the driver is reached only through
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import weakref
@@ -33,11 +35,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import config as _config
-from . import drivers
+from . import drivers, green
 from . import transaction as _transaction
 from .drivers import IDLE
 from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout
-from .scopes import REGISTRIES, PooledConnection, Registry
+from .scopes import REGISTRIES, PooledConnection, Registry, ThreadRegistry, watch_sigterm
 from .transaction import (
     _NO_ENVIRON,
     Body,
@@ -122,8 +124,16 @@ class PgConnMiddleware:
     ``set_config(..., true)``); its own first statement carries the BEGIN. A
     request that never queries never runs it.
 
-    Raises :class:`~wsgi_pgconn.errors.ConfigurationError` for a bad setting,
-    :class:`~wsgi_pgconn.errors.DriverNotFound` when the driver is missing.
+    The scope left unset is ``thread``, except where that would open a
+    connection per request: under greenlets (gevent, eventlet, uWSGI's gevent
+    loop) and under servers that start a thread per request (werkzeug's and
+    Django's development servers), recognised at the first request, it is
+    ``pool`` (see docs/servers.md).
+
+    Raises :class:`~wsgi_pgconn.errors.ConfigurationError` for a bad setting
+    (among them ``scope="thread"`` under greenlets, unless
+    ``greenlets="off"``), :class:`~wsgi_pgconn.errors.DriverNotFound` when the
+    driver is missing.
     """
 
     def __init__(
@@ -149,6 +159,7 @@ class PgConnMiddleware:
         driver: str | None = None,
         pipeline_begin: bool | None = None,
         prepare_threshold: int | None = None,
+        greenlets: str | None = None,
         strict: bool | None = None,
         commit_veto: CommitVeto | None = None,
         configure: Callable[[Any], object] | None = None,
@@ -177,6 +188,7 @@ class PgConnMiddleware:
                 "driver": driver,
                 "pipeline_begin": pipeline_begin,
                 "prepare_threshold": prepare_threshold,
+                "greenlets": greenlets,
                 "strict": strict,
             }.items()
             if value is not None
@@ -186,6 +198,10 @@ class PgConnMiddleware:
         _config.warn_unknown(os.environ)
         self._set_exempt()
         self.driver: drivers.Driver = drivers.load(self.settings.driver)
+        # Refused now where the greenlets show already (the rest at the first request).
+        self._greenlets(os.environ)
+        # Before any server thread exists: signal handlers need the main thread.
+        watch_sigterm()
         self.commit_veto: CommitVeto = commit_veto or default_commit_veto
         self.configure = configure
         self.on_begin = on_begin
@@ -218,13 +234,17 @@ class PgConnMiddleware:
                 from_request = _config.settings_environ(environ)
                 unknown = [name for name, _ in _config.unknown_variables(environ)]
                 if from_request or unknown:
-                    merged = {**os.environ, **from_request, **{k: environ[k] for k in unknown}}
-                    self.settings = _config.parse(merged, **self._overrides)
-                    _config.warn_unknown(merged, "the environment and the request's environ")
+                    given = {**os.environ, **from_request, **{k: environ[k] for k in unknown}}
+                    self.settings = _config.parse(given, **self._overrides)
+                    _config.warn_unknown(given, "the environment and the request's environ")
                     self._set_exempt()
                     self.driver = drivers.load(self.settings.driver)
                     self._status = self.driver.transaction_status
-                if self.settings.scope == "process" and environ.get("wsgi.multithread"):
+                merged = {**os.environ, **from_request}
+                greenlets = self._greenlets(merged)
+                if greenlets is None and self.settings.scope == "process" and environ.get(
+                    "wsgi.multithread"
+                ):
                     raise ConfigurationError(
                         "WSGI_PGCONN_SCOPE=process needs a server with one thread per "
                         "process, but this server runs requests in several threads "
@@ -234,9 +254,32 @@ class PgConnMiddleware:
                 self._failure = exc
                 logger.error("wsgi_pgconn is misconfigured: %s", exc)
                 raise
-            registry = REGISTRIES[self.settings.scope](
-                self.settings, self.driver, configure=self.configure
+            server = _thread_per_request_server(environ)
+            if greenlets is not None:
+                self._cooperate(greenlets)
+            if self.settings.scope == "thread" and not _config.is_set(
+                "scope", merged, **self._overrides
+            ):
+                why = (
+                    f"requests run in greenlets ({greenlets.how})"
+                    if greenlets is not None
+                    else f"{server} starts a thread per request"
+                    if server is not None
+                    else None
+                )
+                if why is not None:
+                    logger.info("WSGI_PGCONN_SCOPE unset and %s: using scope=pool", why)
+                    self.settings = dataclasses.replace(self.settings, scope="pool")
+            settings = self.settings
+            if settings.scope == "process" and greenlets is not None:
+                # One connection per process, taken in turn by the greenlets.
+                logger.info("WSGI_PGCONN_SCOPE=process under greenlets: a pool of one connection")
+                settings = dataclasses.replace(settings, pool_size=1)
+            registry = REGISTRIES["pool" if greenlets is not None else settings.scope](
+                settings, self.driver, configure=self.configure, greenlets=greenlets
             )
+            if isinstance(registry, ThreadRegistry) and server is not None:
+                registry.server = server
             self._begin = registry.begin
             self._registry = registry
             logger.debug("configured (%s): %r", self.driver.version(), self.settings)
@@ -247,6 +290,32 @@ class PgConnMiddleware:
         self._exempt_quick = quick
         self._exempt_exact = exact
         self._exempt_starts = starts
+
+    def _greenlets(self, environ: Any) -> green.Greenlets | None:
+        """The greenlets this process runs (None: none, or ``greenlets=off``); checks the scope."""
+        if self.settings.greenlets == "off":
+            return None
+        found = green.detect()
+        if found is not None and self.settings.scope == "thread" and _config.is_set(
+            "scope", environ, **self._overrides
+        ):
+            raise ConfigurationError(
+                f"WSGI_PGCONN_SCOPE=thread, but requests run in greenlets ({found.how}): a "
+                "per-thread connection would be one connection per greenlet (one per client "
+                "connection under gunicorn's gevent worker), or one connection shared by every "
+                "greenlet without monkey-patching. Leave WSGI_PGCONN_SCOPE unset or set it to "
+                "pool (a bounded pool the greenlets share); to insist on thread scope, set "
+                "WSGI_PGCONN_GREENLETS=off"
+            )
+        return found
+
+    def _cooperate(self, greenlets: green.Greenlets) -> None:
+        """Have the driver wait through the greenlets' loop; warn once where it cannot."""
+        global _blocking_warned
+        problem = self.driver.cooperate(greenlets.library)
+        if problem is not None and not _blocking_warned:
+            _blocking_warned = True
+            logger.warning("%s", problem)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process (keys documented in docs, "Stats"); {} before a request."""
@@ -444,6 +513,27 @@ class _Replay:
 
 
 _RETRY: list[bytes] = []
+_blocking_warned = False
+
+#: The name socketserver.ThreadingMixIn gives the thread it starts for each request.
+_PER_REQUEST_THREAD = "(process_request_thread)"
+
+
+def _thread_per_request_server(environ: WSGIEnvironment) -> str | None:
+    """What server this is, if it starts a thread per request (checked on a request's thread).
+
+    Recognised: socketserver's ThreadingMixIn, on which werkzeug's threaded
+    development server (``flask run``, ``run_simple(threaded=True)``),
+    Django's ``runserver`` and wsgiref-with-threads are built.
+    """
+    if not threading.current_thread().name.endswith(_PER_REQUEST_THREAD):
+        return None
+    software = str(environ.get("SERVER_SOFTWARE", ""))
+    if software.startswith("Werkzeug"):
+        return "werkzeug's development server (flask run, run_simple(threaded=True))"
+    if "django.core.servers.basehttp" in sys.modules:
+        return "Django's runserver"
+    return "this socketserver.ThreadingMixIn server"
 
 
 def _cause_sqlstate(driver: drivers.Driver, exc: BaseException) -> str | None:

@@ -56,7 +56,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import sqlalchemy
@@ -255,7 +255,7 @@ class RequestConnection:
             else:
                 # One pipeline: BEGIN (when the request's transaction begins
                 # here), SAVEPOINT and the statement go out together.
-                _pipelined(self._driver, conn, run)
+                self._driver.pipelined(conn, run)
             return result[0]
         prefixed = _prefixed(query, "SAVEPOINT " + name + "; ", cursor)
         if prefixed is None:
@@ -377,21 +377,6 @@ for _name in ("isolation_level", "readonly", "read_only", "deferrable"):
 del _name
 
 
-def _pipelined(driver: drivers.Driver, conn: Any, run: Callable[[], None]) -> None:
-    """Run ``run()`` in one pipeline of psycopg 3, the way the driver pipelines its BEGIN.
-
-    The driver's own helper ends the pipeline with a Sync alone (psycopg's
-    ``pipeline()`` block adds a Flush, which leaves PostgreSQL's
-    idle_in_transaction_session_timeout disarmed); psycopg's block otherwise.
-    """
-    helper = getattr(driver, "_pipelined", None)
-    if helper is not None:
-        helper(conn, run)
-        return
-    with conn.pipeline():
-        run()
-
-
 def _prefixed(query: Any, prefix: str, cursor: Any) -> Any:
     """``prefix`` + ``query`` (str, bytes or psycopg2.sql), or None when that cannot be done."""
     if isinstance(query, str):
@@ -498,7 +483,7 @@ class PgConnPool(QueuePool):
                 f"engine, not {getattr(dialect, 'name', '?')}+{driver_name}"
             )
         self._driver: drivers.Driver = drivers.load(driver_name)
-        self._managed: type = getattr(self._driver, "ManagedConnection")  # noqa: B009
+        self._managed: type = self._driver.ManagedConnection
         pipeline = False
         if driver_name == "psycopg":
             pipeline = bool(cast(Any, dialect).loaded_dbapi.Pipeline.is_supported())

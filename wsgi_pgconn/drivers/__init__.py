@@ -103,6 +103,9 @@ class Driver(Protocol):
     def PoolTimeout(self) -> type[PoolTimeout]: ...
     @property
     def TransactionManaged(self) -> type[TransactionManaged]: ...
+    @property
+    def ManagedConnection(self) -> type[Any]:
+        """The class of the connections :meth:`connect` returns."""
 
     def version(self) -> str:
         """The driver's version, and the libpq it was built with."""
@@ -146,6 +149,15 @@ class Driver(Protocol):
         without the connection (Django's server-side cursors on psycopg 3).
         """
 
+    def pipelined(self, conn: Any, run: Callable[[], object]) -> None:
+        """Run ``run()`` (statements on ``conn``) so that they share one round trip.
+
+        psycopg 3: one pipeline, ended by a Sync alone (psycopg's own
+        ``pipeline()`` block adds a Flush, after which PostgreSQL leaves
+        idle_in_transaction_session_timeout disarmed). psycopg2 cannot
+        pipeline: ``run()`` runs as it is (put statements in one string instead).
+        """
+
     def use_adapters(self, conn: Any, adapters: Any) -> None:
         """psycopg 3: have ``conn`` use a copy of ``adapters`` (an AdaptersMap), as
         ``connect(context=...)`` would. psycopg2: not supported (TypeError)."""
@@ -179,6 +191,14 @@ class Driver(Protocol):
 
     def sqlstate(self, exc: BaseException) -> str | None:
         """The SQLSTATE of a driver error, or None."""
+
+    def cooperate(self, library: str) -> str | None:
+        """Have the driver wait for the server through the greenlet ``library``'s loop.
+
+        ``library`` is ``"gevent"`` or ``"eventlet"``. Done where the driver
+        can do it without changing what the user chose; otherwise the
+        message (the problem and its fix) to log once. None: it cooperates.
+        """
 
 
 def installed() -> list[str]:

@@ -23,6 +23,7 @@ fails if they change.
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -296,7 +297,8 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
                 # results), so that its next statement does not begin again.
                 yield from pipeline._communicate_gen()
             return
-        yield from super()._start_query()
+        if not self._autocommit:  # (managed connections always are: nothing to do)
+            yield from super()._start_query()
 
     # Cursor classes: the user's, with this module's mixins in front.
     @property
@@ -404,8 +406,8 @@ def setup(
             _Base.set_autocommit(conn, True)
 
 
-def transaction_status(conn: Any) -> int:
-    return conn.pgconn.transaction_status  # type: ignore[no-any-return]
+#: libpq's transaction status of a connection (C-implemented: called on every request).
+transaction_status: Callable[[Any], int] = operator.attrgetter("pgconn.transaction_status")
 
 
 def is_closed(conn: Any) -> bool:
@@ -444,6 +446,7 @@ def drain(conn: Any) -> bool:
 
 
 begin = _begin_now
+pipelined = _pipelined
 
 
 def use_adapters(conn: Any, adapters: Any) -> None:
@@ -509,3 +512,31 @@ def close(conn: Any) -> None:
 def sqlstate(exc: BaseException) -> str | None:
     code = getattr(exc, "sqlstate", None)
     return code if isinstance(code, str) else None
+
+
+# -- greenlets --------------------------------------------------------------------------
+
+
+def cooperate(library: str) -> str | None:
+    """psycopg waits through gevent's (or eventlet's) patched ``select``, where patched.
+
+    psycopg picks its wait function when it is imported: a C function,
+    unless gevent had patched ``select`` by then. Imported before the
+    patching (gunicorn ``--preload``), it would block the process; the
+    patched ``select`` is used instead.
+    """
+    import select
+
+    from psycopg import waiting
+
+    patched = getattr(select.select, "__module__", "").startswith(("gevent", "eventlet"))
+    if not patched:
+        return (
+            f"psycopg waits for the server without yielding under {library} (select is not "
+            "monkey-patched): every query blocks the whole process. Patch first: "
+            "gevent.monkey.patch_all() at the top of wsgi.py, before anything else is "
+            "imported, or uWSGI's --gevent-monkey-patch"
+        )
+    if waiting.wait is getattr(waiting, "wait_c", None):
+        waiting.wait = waiting.wait_poll if hasattr(select, "poll") else waiting.wait_select
+    return None

@@ -25,6 +25,7 @@ stripped), but the text of a syntax error's ``LINE 1:`` context and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -125,7 +126,7 @@ class Cursor(ext.cursor):
 
     def execute(self, query: Any, vars: Any = None) -> None:
         conn: Any = self.connection
-        if conn._wsgi_pgconn_begin is not None and _status(conn) == IDLE:
+        if _status(conn) == IDLE and conn._wsgi_pgconn_begin is not None:
             return _begin(conn, self, query, vars)  # type: ignore[no-any-return]
         return _execute(self, query, vars)
 
@@ -314,18 +315,16 @@ class ManagedConnection(ManagedState, ext.connection):
             "fails. Use a savepoint to undo part of the work, or a connection of your own."
         )
 
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs:
-            return _new_cursor(self)
-        return self._wsgi_pgconn_cursor(*args, **kwargs)
-
-    def _wsgi_pgconn_cursor(
+    def cursor(  # type: ignore[override]
         self,
         name: str | None = None,
         cursor_factory: Any = None,
         withhold: bool = False,
         scrollable: bool | None = None,
     ) -> Any:
+        if name is None and cursor_factory is None:
+            return _new_cursor(self)  # the connection's cursor_factory: ours
+
         factory = managed_class(
             cursor_factory if cursor_factory is not None else _factory.__get__(self),
             named=name is not None,
@@ -476,6 +475,10 @@ def begin(conn: Any) -> None:
         _begin(conn)
 
 
+def pipelined(conn: Any, run: Callable[[], object]) -> None:
+    run()
+
+
 def use_adapters(conn: Any, adapters: Any) -> None:
     raise TypeError("adapter maps are psycopg 3's; psycopg2 has none")
 
@@ -538,3 +541,59 @@ def close(conn: Any) -> None:
 def sqlstate(exc: BaseException) -> str | None:
     code = getattr(exc, "pgcode", None)
     return code if isinstance(code, str) else None
+
+
+# -- greenlets --------------------------------------------------------------------------
+
+
+def cooperate(library: str) -> str | None:
+    if ext.get_wait_callback() is not None:
+        return None  # psycogreen's callback, ours, or the user's own
+    fix = (
+        "call wsgi_pgconn.green.patch_psycopg2() (or psycogreen.gevent.patch_psycopg()) "
+        "at import of wsgi.py"
+        if library == "gevent"
+        else "call psycogreen.eventlet.patch_psycopg() at import of wsgi.py"
+    )
+    return (
+        f"psycopg2 has no wait callback under {library}: every query blocks the whole "
+        f"process (every greenlet) until the server answers; {fix}"
+    )
+
+
+def install_gevent_wait() -> None:
+    """Set psycopg2's wait callback to :func:`gevent_wait` (process-wide)."""
+    import gevent.socket  # type: ignore[import-untyped, import-not-found, unused-ignore]  # noqa: F401 - fail now if missing
+
+    ext.set_wait_callback(gevent_wait)
+
+
+def gevent_wait(conn: Any, timeout: float | None = None) -> None:
+    """psycopg2's wait callback under gevent; cancels the statement when the wait is abandoned.
+
+    An exception raised into the waiting greenlet (``gevent.Timeout``,
+    ``GreenletExit`` from ``kill()``) ends the wait; psycopg2 then closes the
+    connection, which would leave the statement running on the server until
+    it next writes to the socket. So the server is first asked to cancel it.
+    """
+    from gevent.socket import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        wait_read,
+        wait_write,
+    )
+
+    while True:
+        state = conn.poll()
+        if state == ext.POLL_OK:
+            return
+        try:
+            if state == ext.POLL_READ:
+                wait_read(conn.fileno(), timeout=timeout)
+            elif state == ext.POLL_WRITE:
+                wait_write(conn.fileno(), timeout=timeout)
+            else:
+                raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
+        except BaseException:
+            if not conn.closed:
+                with contextlib.suppress(Exception):  # it is closed next anyway
+                    conn.cancel()
+            raise

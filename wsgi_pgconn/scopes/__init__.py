@@ -12,7 +12,7 @@ connections inherited through ``fork()``, and keeps the stats.
 
 from __future__ import annotations
 
-from .base import PooledConnection, Registry, close_all_registries
+from .base import PooledConnection, Registry, close_all_registries, watch_sigterm
 from .pool import PoolRegistry
 from .process import ProcessRegistry
 from .thread import ThreadRegistry
@@ -25,6 +25,7 @@ __all__ = [
     "Registry",
     "ThreadRegistry",
     "close_all_registries",
+    "watch_sigterm",
 ]
 
 #: scope name -> registry class.

@@ -4,7 +4,10 @@ A connection is checked at checkout in this order, cheapest first; the first
 failing test discards it (the reason is counted and logged):
 
 ``forked``
-    opened by another process (we are a forked child): never used, never closed.
+    opened by another process (we are a forked child): never used, never closed
+    (logged at DEBUG: it is what a preforking server does), except one opened
+    by the uWSGI master, which serves no requests: closed cleanly (see
+    :func:`_uwsgi_post_fork`).
 ``retired``
     opened before a request found the server read-only (a failover): every
     such connection is replaced, not just re-checked.
@@ -32,10 +35,13 @@ replaced, on the instance, by versions that report.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import random
 import select
+import signal
+import sys
 import threading
 import time
 import weakref
@@ -43,6 +49,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import connection as _connection
+from .. import green
 from ..config import Settings
 from ..drivers import IDLE, INERROR, INTRANS, Driver
 from ..errors import first_line
@@ -70,7 +77,6 @@ _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
 #: The observer of every registry of this process (see set_observer), or None.
 _observer: Observer | None = None
 
-_make_poll = select.poll
 _getpid = os.getpid
 
 
@@ -114,7 +120,8 @@ class PooledConnection:
         self.backend_pid = backend_pid
         #: (checked out at, commits, rollbacks) while an observer watches, else None.
         self.observed: tuple[float, int, int] | None = None
-        self.poller = _make_poll()
+        # The unpatched poll: a monkey-patched poll(0) yields to other greenlets.
+        self.poller = green.unpatched_poll()()
         self.poller.register(fileno, select.POLLIN)
 
 
@@ -230,11 +237,15 @@ class Registry:
         driver: Driver,
         *,
         configure: Callable[[Any], object] | None = None,
+        greenlets: green.Greenlets | None = None,
     ) -> None:
         self.settings = settings
         self.driver = driver
         self._configure = configure
+        #: The greenlet library this registry cooperates with (None: threads).
+        self.greenlets = greenlets
         self._conninfo = _connection.connect_params(settings, os.environ, driver)
+        self._conninfo_pid = os.getpid()
         #: The statements that begin a request's transaction (see drivers.ManagedState).
         self.begin = _connection.begin_statements(settings)
         self._generation = 0
@@ -358,6 +369,9 @@ class Registry:
 
     def _open(self) -> PooledConnection:
         driver = self.driver
+        if self._conninfo_pid != os.getpid():  # application_name carries the opener's pid
+            self._conninfo = _connection.connect_params(self.settings, os.environ, driver)
+            self._conninfo_pid = os.getpid()
         try:
             conn = driver.connect(self._conninfo, self.settings, self._configure)
         except driver.OperationalError as exc:
@@ -420,7 +434,8 @@ class Registry:
 
     def _discard(self, rec: PooledConnection, reason: str) -> None:
         self.stats_counter.discard(reason, rec)
-        level = logging.DEBUG if reason in ("too_old", "idle_too_long") else logging.WARNING
+        quiet = reason in ("too_old", "idle_too_long", "forked")  # routine, not anomalies
+        level = logging.DEBUG if quiet else logging.WARNING
         logger.log(level, "discarding connection to backend pid %s: %s", rec.backend_pid, reason)
         self._close_quietly(rec)
 
@@ -468,7 +483,7 @@ class Registry:
         return None
 
     def _close_quietly(self, rec: PooledConnection) -> None:
-        if rec.pid != os.getpid():
+        if rec.pid != os.getpid() and not _opened_by_uwsgi_master(rec):
             # Inherited through fork(): closing would send Terminate on the
             # parent's socket, and so would garbage collection. Keep it.
             _inherited.append(rec.conn)
@@ -478,17 +493,56 @@ class Registry:
         except Exception as exc:  # a dead socket must not stop the caller's cleanup
             logger.debug("closing backend pid %s failed: %s", rec.backend_pid, exc)
 
+    def _take_idle(self) -> list[PooledConnection]:
+        """Remove and return the connections no request holds (for close_all)."""
+        raise NotImplementedError
+
+    def _held(self) -> list[PooledConnection]:
+        """Every connection, read without taking a lock (in a signal handler, a forked child)."""
+        raise NotImplementedError
+
     def close_all(self) -> None:
-        """Close every connection this process opened (at exit); inherited ones are kept."""
+        """Close the connections of this process that no request holds, now.
+
+        A connection in use by a request on another thread (or greenlet) is
+        left to that request, never waited for: closing it would wait until
+        its statement ends. It goes back to the registry when the request
+        ends. Connections inherited through ``fork()`` are kept (not closed).
+        """
         records = self._records()
-        self._forget()
-        for rec in records:
+        if not any(rec.in_use for rec in records):
+            self._forget()
+            closing = records
+        else:
+            closing = self._take_idle()
+            logger.debug(
+                "closing %d idle connection(s); %d in use left to their requests",
+                len(closing),
+                len(records) - len(closing),
+            )
+        for rec in closing:
             self.stats_counter.discard(None, rec)
             self._close_quietly(rec)
 
 
 def _after_fork_in_child() -> None:
-    global _fork_epoch
+    """In a forked child: forget the parent's connections (never used, never closed here).
+
+    Runs from ``os.register_at_fork``, and from uWSGI's post-fork hook (uWSGI
+    forks in C, without the at-fork hooks unless ``--py-call-uwsgi-fork-hooks``);
+    once per process. A connection the uWSGI master opened is closed cleanly
+    instead (see :func:`_opened_by_uwsgi_master`).
+    """
+    global _fork_epoch, _reset_pid
+    if _reset_pid == os.getpid():
+        return  # done already in this process (both hooks ran)
+    _reset_pid = os.getpid()
+    master_opened: list[tuple[Registry, PooledConnection]] = [
+        (registry, rec)
+        for registry in list(_registries)
+        for rec in registry._held()
+        if _opened_by_uwsgi_master(rec)
+    ]
     _fork_epoch += 1
     for registry in list(_registries):
         # Keep the parent's records referenced (without taking locks, which a
@@ -497,6 +551,19 @@ def _after_fork_in_child() -> None:
         registry._init_state()
         registry.stats_counter = Stats()
         registry.stats_counter.registry = registry if registry.observer is not None else None
+    for registry, rec in master_opened:
+        logger.debug(
+            "closing the uWSGI master's connection to backend pid %s in worker %s",
+            rec.backend_pid,
+            os.getpid(),
+        )
+        try:
+            registry.driver.close(rec.conn)
+        except Exception as exc:
+            logger.debug("closing backend pid %s failed: %s", rec.backend_pid, exc)
+
+
+_reset_pid = os.getpid()
 
 
 def set_observer(observer: Observer | None) -> None:
@@ -513,7 +580,11 @@ def set_observer(observer: Observer | None) -> None:
 
 
 def close_all_registries(*_args: object, **_kwargs: object) -> None:
-    """Close the connections of every registry of this process (at exit)."""
+    """Close the idle connections of every registry of this process (at exit).
+
+    Connections in use by requests still running on other threads are left to
+    them (see :meth:`Registry.close_all`): the exit is never held up.
+    """
     for registry in list(_registries):
         registry.close_all()
 
@@ -522,12 +593,22 @@ _shutdown_subscribed = False
 
 
 def _subscribe_shutdown() -> None:
-    """Close connections cleanly when the process exits (atexit; mod_wsgi's shutdown event)."""
+    """Close connections cleanly when the process exits.
+
+    Python's ``atexit``; mod_wsgi's shutdown event; in uWSGI, ``uwsgi.atexit``
+    (its gevent loop and its master run no ``atexit``) and the post-fork hook
+    that closes a connection the master opened (:func:`_uwsgi_post_fork`);
+    and SIGTERM where nothing handles it (:func:`watch_sigterm`).
+    """
     global _shutdown_subscribed
     if _shutdown_subscribed:
         return
     _shutdown_subscribed = True
     atexit.register(close_all_registries)
+    watch_sigterm()
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is not None:
+        _chain_uwsgi_hooks(uwsgi)
     try:
         import mod_wsgi  # type: ignore[import-not-found]  # only inside mod_wsgi
     except ImportError:
@@ -535,6 +616,109 @@ def _subscribe_shutdown() -> None:
     subscribe = getattr(mod_wsgi, "subscribe_shutdown", None)
     if subscribe is not None:
         subscribe(close_all_registries)
+
+
+# -- uWSGI ------------------------------------------------------------------------
+
+
+def _chain_uwsgi_hooks(uwsgi: Any) -> None:
+    """Add our uWSGI exit and post-fork hooks in front of any already set."""
+    previous_exit = getattr(uwsgi, "atexit", None)
+    previous_fork = getattr(uwsgi, "post_fork_hook", None)
+
+    def at_exit() -> None:
+        try:
+            close_all_registries()
+        finally:
+            if callable(previous_exit):
+                previous_exit()
+
+    def post_fork() -> None:
+        try:
+            _uwsgi_post_fork()
+        finally:
+            if callable(previous_fork):
+                previous_fork()
+
+    uwsgi.atexit = at_exit
+    uwsgi.post_fork_hook = post_fork
+
+
+def _opened_by_uwsgi_master(rec: PooledConnection) -> bool:
+    """Whether ``rec`` was opened by the uWSGI master of this worker.
+
+    The master loads the application when ``--lazy-apps`` is off and may
+    query at import (a warm-up, a cache fill); it serves no requests after
+    forking its workers and runs no exit hook, so its connections would be
+    dropped uncleanly when it exits. A worker may thus close them (send
+    Terminate on the shared socket): nobody uses them again.
+    """
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return False
+    try:
+        master = int(uwsgi.masterpid())
+    except Exception:  # an emulation without masterpid
+        return False
+    return master != 0 and rec.pid == master != os.getpid()
+
+
+def _uwsgi_post_fork() -> None:
+    """In a uWSGI worker: what ``os.register_at_fork`` hooks would do (uWSGI forks in C).
+
+    A connection the master opened is closed cleanly (it is the master's last
+    use of it); any other inherited one is kept, as after any fork.
+    """
+    _after_fork_in_child()
+
+
+# -- SIGTERM ------------------------------------------------------------------------
+
+
+_sigterm_watched = False
+
+
+def watch_sigterm() -> bool:
+    """Close idle connections on SIGTERM where nothing else handles it; True if installed.
+
+    waitress-serve, werkzeug's development server and Django's ``runserver
+    --noreload`` leave SIGTERM (what docker and systemd send) at its default:
+    the process dies without running ``atexit``. Installed only from the main
+    thread, only while SIGTERM has its default disposition, and not under
+    servers that own signals in C (uWSGI, mod_wsgi) or greenlets: a handler a
+    server or application installs later replaces this one, as it should.
+    On SIGTERM the handler closes the connections no request holds (lock
+    free), then restores the default and sends SIGTERM again: the process
+    dies as it would have, with the same status.
+    """
+    global _sigterm_watched
+    if _sigterm_watched:
+        return False
+    if any(name in sys.modules for name in ("uwsgi", "mod_wsgi")) or green.detect() is not None:
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return False
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main interpreter, or signals not allowed
+        return False
+    _sigterm_watched = True
+    return True
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    try:
+        pid = os.getpid()
+        for registry in list(_registries):
+            for rec in registry._held():
+                if not rec.in_use and rec.pid == pid:
+                    with contextlib.suppress(Exception):  # dying anyway; the default follows
+                        registry.driver.close(rec.conn)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -62,5 +62,16 @@ class ProcessRegistry(Registry):
         rec = self._rec
         return [] if rec is None else [rec]
 
+    _held = _records
+
+    def _take_idle(self) -> list[PooledConnection]:
+        if not self._lock.acquire(blocking=False):
+            return []  # a request holds it
+        try:
+            rec, self._rec = self._rec, None
+        finally:
+            self._lock.release()
+        return [] if rec is None else [rec]
+
     def _forget(self) -> None:
         self._rec = None

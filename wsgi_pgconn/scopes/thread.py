@@ -22,15 +22,23 @@ class ThreadRegistry(Registry):
 
     The connection is closed when its thread ends. Servers that start a thread
     per request (werkzeug's and Django's development servers) thus get one
-    connection per request, not a leak.
+    connection per request, not a leak; when threads keep ending after one
+    request each, one WARNING says so and names ``scope=pool``.
     """
 
     scope = "thread"
+    #: Threads that ended after one request each, in a row, before the WARNING.
+    CHURN_WARNING_AFTER = 5
+    #: What the middleware recognised of the server (for the churn WARNING).
+    server = "this server"
 
     def _init_state(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: set[PooledConnection] = set()
+        # Every connection, and the slot (weakly: it must die with its thread) holding it.
+        self._all: dict[PooledConnection, weakref.ref[_ThreadSlot]] = {}
+        self._one_request_threads = 0
+        self._churn_warned = False
 
     def checkout(self) -> PooledConnection:
         try:
@@ -53,13 +61,16 @@ class ThreadRegistry(Registry):
                 return rec
             if rec.in_use:
                 # An earlier response on this thread was never closed; collecting it
-                # rolls it back and releases the connection (RequestTransaction.__del__).
+                # rolls it back and releases the connection (transaction.Body.__del__).
                 gc.collect()
                 if rec.in_use:
                     raise RuntimeError(
                         "this thread's connection is still held by an earlier request whose "
-                        "response was never closed (the WSGI server must call close() on it), "
-                        "or by an enclosing request on the same thread"
+                        "response was never closed: a WSGI server must call close() on every "
+                        "response; with Flask's or werkzeug's test client, read streamed "
+                        "responses whole with buffered=True (client.get(url, buffered=True)) "
+                        "or close them ('with client.get(url) as response:'). Or a request is "
+                        "nested in another one on the same thread"
                     )
             reason = self._unusable(rec)
             if reason is None:
@@ -68,13 +79,13 @@ class ThreadRegistry(Registry):
                 return rec
             slot.rec = None
             with self._lock:
-                self._all.discard(rec)
+                self._all.pop(rec, None)
             self._discard(rec, reason)
         rec = self._open()
         rec.in_use = True
         slot.rec = rec
         with self._lock:
-            self._all.add(rec)
+            self._all[rec] = weakref.ref(slot)
         return rec
 
     def checkin(self, rec: PooledConnection, used: bool) -> None:
@@ -85,7 +96,7 @@ class ThreadRegistry(Registry):
             if slot is not None and slot.rec is rec:
                 slot.rec = None
             with self._lock:
-                self._all.discard(rec)
+                self._all.pop(rec, None)
             self._discard(rec, reason)
 
     def _thread_ended(self, rec: PooledConnection) -> None:
@@ -95,21 +106,55 @@ class ThreadRegistry(Registry):
             _inherited.append(rec.conn)
             return
         with self._lock:
-            if rec not in self._all:
+            if self._all.pop(rec, None) is None:
                 return
-            self._all.discard(rec)
+            warn = False
+            if rec.uses == 0:  # the thread served one request
+                self._one_request_threads += 1
+                if (
+                    self._one_request_threads >= self.CHURN_WARNING_AFTER
+                    and not self._churn_warned
+                ):
+                    self._churn_warned = warn = True
+            else:
+                self._one_request_threads = 0
         logger.debug("thread ended: closing connection to backend pid %s", rec.backend_pid)
         self.stats_counter.discard(None, rec)
         self._close_quietly(rec)
+        if warn:
+            logger.warning(
+                "WSGI_PGCONN_SCOPE=thread: %d threads in a row ended after one request each, "
+                "so every request opens a new connection: %s starts a thread per request "
+                "(as werkzeug's development server, flask run and Django's runserver do). "
+                "Set WSGI_PGCONN_SCOPE=pool to keep connections between requests",
+                self._one_request_threads,
+                self.server,
+            )
 
     def _records(self) -> list[PooledConnection]:
         with self._lock:
             return list(self._all)
 
+    def _held(self) -> list[PooledConnection]:
+        return list(self._all)
+
     def _forget(self) -> None:
         with self._lock:
             self._all.clear()
         self._local = threading.local()
+
+    def _take_idle(self) -> list[PooledConnection]:
+        taken = []
+        with self._lock:
+            for rec, slot_ref in list(self._all.items()):
+                if rec.in_use:
+                    continue
+                slot = slot_ref()
+                if slot is not None and slot.rec is rec:
+                    slot.rec = None
+                del self._all[rec]
+                taken.append(rec)
+        return taken
 
 
 class _ThreadSlot:

@@ -1,4 +1,4 @@
-"""Start real WSGI servers on loopback: mod_wsgi-express, gunicorn, werkzeug.
+"""Start real WSGI servers on loopback: mod_wsgi-express, gunicorn, uWSGI, waitress, werkzeug.
 
 Shared by the benchmark and by ``tests/servers``.  The servers' Python comes
 from the virtualenv that ``.ci/install-servers.sh`` builds (default
@@ -44,8 +44,10 @@ __all__ = [
     "python_has",
     "server_venv",
     "stage",
+    "uwsgi_server",
     "venv_python",
     "venv_tool",
+    "waitress_server",
     "werkzeug_server",
 ]
 
@@ -419,18 +421,116 @@ def werkzeug_server(
     python_path: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     name: str = "werkzeug",
+    python: str | None = None,
 ) -> Server:
     """A :class:`Server` running werkzeug's threaded development server.
 
     It starts a new thread for every request, so per-thread connections
-    last one request there.
+    last one request there. ``python`` runs it (default: this interpreter;
+    the servers' venv's has werkzeug too).
     """
     port = port or free_port()
+    return Server(
+        name,
+        [python or sys.executable, "-c", WERKZEUG_SNIPPET, str(port), target],
+        port,
+        env=_with_python_path(env, python_path),
+    )
+
+
+def _with_python_path(env: Mapping[str, str] | None, python_path: Sequence[str]) -> dict[str, str]:
     environ = dict(os.environ if env is None else env)
     if python_path:
         environ["PYTHONPATH"] = os.pathsep.join(
             [*python_path, environ.get("PYTHONPATH", "")]
         ).rstrip(os.pathsep)
-    return Server(
-        name, [sys.executable, "-c", WERKZEUG_SNIPPET, str(port), target], port, env=environ
-    )
+    return environ
+
+
+def uwsgi_server(
+    target: str,
+    *,
+    port: int | None = None,
+    processes: int = 2,
+    threads: int = 1,
+    gevent: int | None = None,
+    gevent_monkey_patch: bool = False,
+    lazy_apps: bool = False,
+    max_requests: int | None = None,
+    python_path: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+    name: str = "uwsgi",
+) -> Server:
+    """A :class:`Server` running uWSGI (from the servers' venv) with a master process.
+
+    ``target`` is ``module:callable``. ``threads`` > 1 runs that many threads
+    per process; ``gevent`` runs uWSGI's gevent loop with that many async
+    cores (monkey-patching only with ``gevent_monkey_patch``). Without
+    ``lazy_apps`` the master loads the application and forks the workers.
+    ``--die-on-term`` makes SIGTERM (what docker and systemd send) shut
+    uWSGI down, as uWSGI 2.1 does by default (2.0 reloads on SIGTERM).
+    """
+    tool = venv_tool("uwsgi")
+    if tool is None:
+        raise ServerError(f"uwsgi not found: run {INSTALL_HINT}")
+    port = port or free_port()
+    module, _, attr = target.partition(":")
+    argv = [
+        tool,
+        "--http-socket",
+        f"127.0.0.1:{port}",
+        "--master",
+        "--processes",
+        str(processes),
+        "--module",
+        f"{module}:{attr or 'application'}",
+        "--die-on-term",
+        "--need-app",
+        "--disable-logging",
+        "--strict",
+    ]
+    if threads > 1:
+        argv += ["--threads", str(threads)]
+    if gevent:
+        argv += ["--gevent", str(gevent)]
+        if gevent_monkey_patch:
+            argv.append("--gevent-monkey-patch")
+    if lazy_apps:
+        argv.append("--lazy-apps")
+    if max_requests:
+        # A worker younger than --min-worker-lifetime (10 s by default) is not recycled.
+        argv += ["--max-requests", str(max_requests), "--min-worker-lifetime", "1"]
+    for path in python_path:
+        argv += ["--pythonpath", path]
+    argv += list(extra_args)
+    return Server(name, argv, port, env=env)
+
+
+def waitress_server(
+    target: str,
+    *,
+    port: int | None = None,
+    threads: int = 4,
+    python_path: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+    name: str = "waitress",
+) -> Server:
+    """A :class:`Server` running ``waitress-serve`` (one process, ``threads`` threads).
+
+    waitress-serve leaves SIGTERM at its default: the process dies without
+    running ``atexit`` (wsgi_pgconn closes its idle connections first).
+    """
+    tool = venv_tool("waitress-serve")
+    if tool is None:
+        raise ServerError(f"waitress-serve not found: run {INSTALL_HINT}")
+    port = port or free_port()
+    argv = [
+        tool,
+        f"--listen=127.0.0.1:{port}",
+        f"--threads={threads}",
+        *extra_args,
+        target,
+    ]
+    return Server(name, argv, port, env=_with_python_path(env, python_path))
