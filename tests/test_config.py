@@ -77,7 +77,7 @@ BAD_VALUES = [
     ("WSGI_PGCONN_POOL_TIMEOUT", "0", "pool_timeout", "number of seconds"),
     ("WSGI_PGCONN_STATEMENT_TIMEOUT", "5 parsecs", "statement_timeout", "milliseconds"),
     ("WSGI_PGCONN_IDLE_IN_TRANSACTION_TIMEOUT", "x", "idle_in_transaction_timeout", "milliseconds"),
-    ("WSGI_PGCONN_CONNECT_TIMEOUT", "1.5", "connect_timeout", "whole number"),
+    ("WSGI_PGCONN_CONNECT_TIMEOUT", "0", "connect_timeout", "number of seconds"),
     ("WSGI_PGCONN_RESET", "truncate", "reset", "'rollback', 'discard'"),
     ("WSGI_PGCONN_CHECK", "ping", "check", "'socket', 'query'"),
     ("WSGI_PGCONN_EXEMPT_PATHS", "health", "exempt_paths", "start with '/'"),
@@ -156,8 +156,8 @@ def test_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     s = PgConnMiddleware(show_app).settings
     assert (s.scope, s.pool_size, s.max_age, s.max_idle) == ("pool", 7, 300.0, 60.0)
     assert s.isolation_level == "repeatable read"
-    assert (s.statement_timeout, s.reset, s.check) == ("5s", "discard", "query")
-    assert s.exempt_paths == ("/health", "/static/")
+    assert (s.statement_timeout, s.reset, s.check) == (5000, "discard", "query")
+    assert s.exempt_paths == ("/health", "/static")
     assert s.connect_timeout == 3
 
 

@@ -323,3 +323,22 @@ def test_flask_sqlalchemy(
     assert [pid for pid, _ in backends(admin, app_name)] == [int(raw)]
     assert backends(admin, app_name + "-sa") == []  # no connection of SQLAlchemy's own
     assert idle_in_transaction(admin) == []
+
+
+def test_misspelt_app_config_keys_are_reported(
+    apps: Callable[..., flask.Flask], dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from test_core_helpers import formatted, log_records
+
+    from wsgi_pgconn import config
+
+    monkeypatch.setattr(config, "_warned", set())
+    misspelt = config.ENV_PREFIX + "POOLSIZE"  # kept apart: tests/test_tooling.py lists names
+    with log_records(logging.WARNING) as records:
+        apps({"DATABASE_URL": dsn, misspelt: 8})
+    (line,) = formatted(records)
+    assert f"in app.config: {misspelt} (did you mean WSGI_PGCONN_POOL_SIZE?)" in line
+    with pytest.raises(ConfigurationError, match=f"in app.config: {misspelt}"):
+        apps({"DATABASE_URL": dsn, misspelt: 8, "WSGI_PGCONN_STRICT": True})

@@ -114,6 +114,14 @@ def test_every_tooling_variable_is_listed() -> None:
     assert {PORT_RANGE_ENV, tempdb.BINDIR_ENV, "WSGI_PGCONN_TEST_DSN"} <= set(TOOLING_ENVIRONMENT)
 
 
+def test_the_library_knows_the_tooling_variables_are_not_settings() -> None:
+    """The library's list (it never imports the tooling) and the tooling's are the same."""
+    from wsgi_pgconn.config import NOT_SETTINGS, unknown_variables
+
+    assert set(TOOLING_ENVIRONMENT) == NOT_SETTINGS
+    assert unknown_variables(dict.fromkeys(TOOLING_ENVIRONMENT, "x")) == []
+
+
 # -- the layout: the library never imports the tooling ------------------------------------------
 
 

@@ -10,6 +10,7 @@ The drivers send them (:mod:`wsgi_pgconn.drivers`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -51,7 +52,8 @@ def connect_params(
     if "application_name" not in given and "PGAPPNAME" not in environ:
         extra["application_name"] = f"wsgi_pgconn[{os.getpid()}]"
     if "connect_timeout" not in given and "PGCONNECT_TIMEOUT" not in environ:
-        extra["connect_timeout"] = str(settings.connect_timeout)
+        # libpq counts whole seconds: a fraction is rounded up, never down to 0 (no limit).
+        extra["connect_timeout"] = str(math.ceil(settings.connect_timeout))
     for key, value in KEEPALIVE_DEFAULTS.items():
         if key not in given:
             extra[key] = value
@@ -63,11 +65,12 @@ def connect_params(
 
 
 def _server_settings(settings: Settings) -> list[tuple[str, str]]:
+    """The server settings to send, as plain integer milliseconds (``10``, never ``010``)."""
     pairs = [
         ("statement_timeout", settings.statement_timeout),
         ("idle_in_transaction_session_timeout", settings.idle_in_transaction_timeout),
     ]
-    return [(name, value) for name, value in pairs if value is not None]
+    return [(name, str(int(value))) for name, value in pairs if value is not None]
 
 
 def transaction_prelude(settings: Settings) -> str | None:

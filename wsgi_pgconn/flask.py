@@ -19,7 +19,8 @@
 Settings: every ``DATABASE_URL`` / ``WSGI_PGCONN_*`` name of the
 environment table (:data:`wsgi_pgconn.config.SETTINGS`) is read from
 ``app.config`` too, with the same validation (errors name the
-``app.config`` key). Keyword arguments of :class:`PgConn` win over
+``app.config`` key; a misspelt ``WSGI_PGCONN_*`` key is reported as one in
+the environment is). Keyword arguments of :class:`PgConn` win over
 ``app.config``, which wins over the process environment. When no
 ``DATABASE_URL`` is set anywhere, a ``postgresql`` ``SQLALCHEMY_DATABASE_URI``
 (Flask-SQLAlchemy's) is used, its ``+driver`` part removed.
@@ -51,6 +52,7 @@ import flask
 from flask.testing import FlaskClient
 
 from . import config as _config
+from .errors import ConfigurationError
 from .middleware import TRANSACTION_KEY, PgConnMiddleware
 from .middleware import get_connection as _get_connection
 from .transaction import RequestTransaction
@@ -212,6 +214,14 @@ class PgConn:
             on_begin=self.options.get("on_begin"),
             **settings,
         )
+        # Misspelt names in app.config: reported as those of the environment are.
+        unknown = _config.unknown_variables(dict.fromkeys(app.config))
+        if unknown and middleware.settings.strict:
+            raise ConfigurationError(
+                f"unknown wsgi_pgconn setting(s) in app.config: {_config.describe_unknown(unknown)}"
+                f" ({_config.ENV_PREFIX}STRICT is on: remove them, or correct their names)"
+            )
+        _config.warn_unknown(dict.fromkeys(app.config), "app.config")
         guard: WSGIApplication = _Guard(middleware)
         app.wsgi_app = guard  # type: ignore[method-assign, assignment]
         app.extensions[EXTENSION_KEY] = middleware

@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import config as _config
@@ -142,13 +143,13 @@ class PgConnMiddleware:
         dsn: str | None = None,
         scope: str | None = None,
         pool_size: int | None = None,
-        pool_timeout: float | None = None,
-        max_age: float | None = None,
-        max_idle: float | None = None,
+        pool_timeout: float | str | timedelta | None = None,
+        max_age: float | str | timedelta | None = None,
+        max_idle: float | str | timedelta | None = None,
         isolation_level: str | None = None,
-        statement_timeout: str | int | None = None,
-        idle_in_transaction_timeout: str | int | None = None,
-        connect_timeout: int | None = None,
+        statement_timeout: int | str | timedelta | None = None,
+        idle_in_transaction_timeout: int | str | timedelta | None = None,
+        connect_timeout: float | str | timedelta | None = None,
         reset: str | None = None,
         check: str | None = None,
         exempt_paths: Iterable[str] | str | None = None,
@@ -159,6 +160,7 @@ class PgConnMiddleware:
         pipeline_begin: bool | None = None,
         prepare_threshold: int | None = None,
         greenlets: str | None = None,
+        strict: bool | None = None,
         commit_veto: CommitVeto | None = None,
         configure: Callable[[Any], object] | None = None,
         on_begin: Callable[[Any, dict[str, Any]], object] | None = None,
@@ -187,11 +189,14 @@ class PgConnMiddleware:
                 "pipeline_begin": pipeline_begin,
                 "prepare_threshold": prepare_threshold,
                 "greenlets": greenlets,
+                "strict": strict,
             }.items()
             if value is not None
         }
         # Validate now, so a bad value (or a missing driver) fails at import of wsgi.py.
         self.settings = _config.parse(os.environ, **self._overrides)
+        _config.warn_unknown(os.environ)
+        self._set_exempt()
         self.driver: drivers.Driver = drivers.load(self.settings.driver)
         # Refused now where the greenlets show already (the rest at the first request).
         self._greenlets(os.environ)
@@ -227,10 +232,12 @@ class PgConnMiddleware:
                 return self._registry
             try:
                 from_request = _config.settings_environ(environ)
-                if from_request:
-                    self.settings = _config.parse(
-                        {**os.environ, **from_request}, **self._overrides
-                    )
+                unknown = [name for name, _ in _config.unknown_variables(environ)]
+                if from_request or unknown:
+                    given = {**os.environ, **from_request, **{k: environ[k] for k in unknown}}
+                    self.settings = _config.parse(given, **self._overrides)
+                    _config.warn_unknown(given, "the environment and the request's environ")
+                    self._set_exempt()
                     self.driver = drivers.load(self.settings.driver)
                     self._status = self.driver.transaction_status
                 merged = {**os.environ, **from_request}
@@ -277,6 +284,12 @@ class PgConnMiddleware:
             self._registry = registry
             logger.debug("configured (%s): %r", self.driver.version(), self.settings)
             return registry
+
+    def _set_exempt(self) -> None:
+        quick, exact, starts = _config.exempt_matcher(self.settings.exempt_paths)
+        self._exempt_quick = quick
+        self._exempt_exact = exact
+        self._exempt_starts = starts
 
     def _greenlets(self, environ: Any) -> green.Greenlets | None:
         """The greenlets this process runs (None: none, or ``greenlets=off``); checks the scope."""
@@ -326,10 +339,14 @@ class PgConnMiddleware:
         if CONNECTION_KEY in environ:  # wrapped twice: the outer one owns the transaction
             return self.app(environ, start_response)
         registry = self._registry or self._start(environ)
-        exempt = self.settings.exempt_paths
-        if exempt and environ.get("PATH_INFO", "").startswith(exempt):
-            environ[EXEMPT_KEY] = True
-            return self.app(environ, start_response)
+        quick = self._exempt_quick
+        if quick:
+            path = environ.get("PATH_INFO", "")
+            if path.startswith(quick) and (
+                path in self._exempt_exact or path.startswith(self._exempt_starts)
+            ):
+                environ[EXEMPT_KEY] = True
+                return self.app(environ, start_response)
         try:
             rec = registry.checkout()
         except PoolTimeout as exc:

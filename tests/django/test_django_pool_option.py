@@ -1,4 +1,9 @@
-"""Django's own connection pool (OPTIONS["pool"]) is refused with the equivalent settings named."""
+"""Django's own connection pool (OPTIONS["pool"]) is refused with the equivalent settings named.
+
+Refused when a connection is to be opened (the connection parameters are
+asked for), not when the wrapper is built: Django builds it while importing
+the models, before the system check wsgi_pgconn.E001 can report it.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ def test_djangos_pool_option_is_refused_with_the_equivalent_settings(pool: objec
         **connections["default"].settings_dict,
         "OPTIONS": {"pool": pool},
     }
+    wrapper = DatabaseWrapper(settings_dict, "pooled")
     with pytest.raises(ImproperlyConfigured) as caught:
-        DatabaseWrapper(settings_dict, "pooled")
+        wrapper.get_connection_params()
     message = str(caught.value)
     assert message.startswith("DATABASES['pooled']['OPTIONS']['pool'] turns on Django's own")
     for setting in (

@@ -166,6 +166,25 @@ def pair(template: Node) -> Iterator[Pair]:
             primary.cleanup()
 
 
+# -- python -m wsgi_pgconn check -----------------------------------------------------------
+
+
+def test_check_tells_a_standby(pair: Pair) -> None:
+    """The check command says it is a standby, and how to reach the writable server."""
+    from test_check import check_env, line, run_check
+
+    standby = check_env(DATABASE_URL=pair.standby.dsn(dbname=DB))
+    result = run_check("--processes", "1", "--threads", "1", env=standby)
+    assert result.returncode == 0, result.stdout
+    assert line(result.stdout, "standby") == "yes (in recovery)"
+    assert "WARNING: the server is read-only (a standby, or fenced)" in result.stdout
+    assert "target_session_attrs=read-write" in result.stdout
+    # The multi-host URL the application should use lands on the primary.
+    result = run_check("--processes", "1", "--threads", "1", env=check_env(DATABASE_URL=pair.uri))
+    assert line(result.stdout, "standby") == "no"
+    assert result.stdout.endswith("\nVerdict\n  OK\n"), result.stdout
+
+
 # -- a deterministic check of the 25006 rule --------------------------------------------
 
 

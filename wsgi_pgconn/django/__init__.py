@@ -18,6 +18,7 @@ refuses to load when psycopg 3 is importable.
 
 from __future__ import annotations
 
+from . import checks  # noqa: F401 - registers the system checks (wsgi_pgconn.E001, ...)
 from .base import DatabaseWrapper
 from .session import ALIAS_KEY, THREAD_KEY
 from .wsgi import DjangoPgConnMiddleware, database_dsn, get_wsgi_application

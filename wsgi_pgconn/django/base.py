@@ -20,8 +20,9 @@ bookkeeping is a separate set that starts "inside an atomic block":
   leave the request's connection alone.
 
 Django's own connection pool (``OPTIONS["pool"]``, psycopg 3) is refused with
-:class:`~django.core.exceptions.ImproperlyConfigured`: the middleware keeps the
-connections (``WSGI_PGCONN_SCOPE=pool`` is the equivalent).
+:class:`~django.core.exceptions.ImproperlyConfigured` when a connection is to
+be opened (and reported by the system check ``wsgi_pgconn.E001`` before): the
+middleware keeps the connections (``WSGI_PGCONN_SCOPE=pool`` is the equivalent).
 
 Django's own bookkeeping (and its own connection, if one is open, for example
 the test case's) is untouched and in use again as soon as the request ends.
@@ -265,15 +266,6 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
     run_commit_hooks_on_set_autocommit_on = _Field()
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
-        if settings_dict.get("OPTIONS", {}).get("pool"):
-            raise ImproperlyConfigured(
-                f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own connection "
-                "pool, which would fight wsgi_pgconn's: with ENGINE 'wsgi_pgconn.django' the "
-                "middleware keeps the connections. Remove 'pool' and set "
-                "WSGI_PGCONN_SCOPE=pool instead, with "
-                + ", ".join(f"{var} for {key!r}" for key, var in POOL_EQUIVALENTS.items())
-                + " (see the Django page of the docs)"
-            )
         self._own = _State()
         # (the middleware's context variable's value, the bookkeeping in use
         # while it holds that value): a request's weak reference and its state,
@@ -363,6 +355,27 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         wrapper.connection = conn
         wrapper.autocommit = conn.autocommit
         return wrapper
+
+    def get_connection_params(self) -> dict[str, Any]:
+        """Django's, after refusing ``OPTIONS["pool"]``.
+
+        Refused here, when a connection is about to be opened (by Django, or by
+        the middleware, which takes its connection string from here), not when
+        the wrapper is built: Django builds it while it imports the models,
+        before it runs its checks, and the system check wsgi_pgconn.E001 must
+        get to say the same.
+        """
+        if self.settings_dict.get("OPTIONS", {}).get("pool"):
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['pool'] turns on Django's own "
+                "connection pool, which would fight wsgi_pgconn's: with ENGINE "
+                "'wsgi_pgconn.django' the middleware keeps the connections. Remove 'pool' and "
+                "set WSGI_PGCONN_SCOPE=pool instead, with "
+                + ", ".join(f"{var} for {key!r}" for key, var in POOL_EQUIVALENTS.items())
+                + " (see the Django page of the docs)"
+            )
+        params: dict[str, Any] = super().get_connection_params()
+        return params
 
     # -- Django's methods that must not touch the request's connection ---------
 

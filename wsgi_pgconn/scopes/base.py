@@ -23,6 +23,13 @@ failing test discards it (the reason is counted and logged):
 A connection that breaks during a request makes the others suspect: the
 registry's generation moves on, and a connection opened in an earlier
 generation gets one round-trip check at its next checkout.
+
+Observers (:func:`set_observer`, used by the Prometheus exporter) hear about
+the rare events as they happen (a connection opened or discarded, a pool
+wait, a failed COMMIT: every :class:`Stats` counter) and about each checkout
+and checkin. Without an observer nothing of this runs: the registry's own
+``checkout`` and ``checkin`` are called as they are; with one they are
+replaced, on the instance, by versions that report.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .. import connection as _connection
 from .. import green
@@ -47,7 +54,14 @@ from ..config import Settings
 from ..drivers import IDLE, INERROR, INTRANS, Driver
 from ..errors import first_line
 
-__all__ = ["DISCARD_REASONS", "PooledConnection", "Registry", "Stats"]
+__all__ = [
+    "DISCARD_REASONS",
+    "Observer",
+    "PooledConnection",
+    "Registry",
+    "Stats",
+    "set_observer",
+]
 
 logger = logging.getLogger("wsgi_pgconn")
 
@@ -60,6 +74,8 @@ _fork_epoch = 0
 # the socket the parent still uses, and so would garbage collection: keep them.
 _inherited: list[object] = []
 _registries: weakref.WeakSet[Registry] = weakref.WeakSet()
+#: The observer of every registry of this process (see set_observer), or None.
+_observer: Observer | None = None
 
 _getpid = os.getpid
 
@@ -76,6 +92,7 @@ class PooledConnection:
         "generation",
         "in_use",
         "last_used",
+        "observed",
         "opened_at",
         "pid",
         "poller",
@@ -101,9 +118,59 @@ class PooledConnection:
         self.commits = 0
         self.rollbacks = 0
         self.backend_pid = backend_pid
+        #: (checked out at, commits, rollbacks) while an observer watches, else None.
+        self.observed: tuple[float, int, int] | None = None
         # The unpatched poll: a monkey-patched poll(0) yields to other greenlets.
         self.poller = green.unpatched_poll()()
         self.poller.register(fileno, select.POLLIN)
+
+
+class Observer(Protocol):
+    """What :func:`set_observer` takes: told about a registry's events as they happen.
+
+    Each method may be called from any thread, and with the registry's locks
+    held: it must be quick and must not call the registry except
+    :meth:`Registry.occupancy`. An exception it raises is logged and ignored.
+    """
+
+    def attached(self, registry: Registry) -> None:
+        """``registry`` reports to this observer from now on."""
+
+    def count(self, registry: Registry, key: str, amount: float) -> None:
+        """A counter of ``registry.stats()`` moved by ``amount`` (a rare event).
+
+        ``opened``, ``connect_errors``, ``vetoes``, ``commit_errors``,
+        ``retries``, ``pool_waits`` (a wait began), ``pool_wait_seconds`` (a
+        wait ended, after ``amount`` seconds), ``pool_timeouts``, and
+        ``commits``/``rollbacks`` of transactions ended after their request
+        gave its connection back.
+        """
+
+    def discarded(self, registry: Registry, reason: str | None) -> None:
+        """A connection left the registry: discarded for ``reason``, or closed (None)."""
+
+    def checked_out(self, registry: Registry, reused: bool) -> None:
+        """A request got a connection: a kept one (``reused``), or one just opened."""
+
+    def checked_in(
+        self, registry: Registry, held: float, commits: int, rollbacks: int
+    ) -> None:
+        """A request gave its connection back after ``held`` seconds.
+
+        ``commits`` and ``rollbacks``: the transactions it ended each way (0 and 0
+        for a request that ran none).
+        """
+
+
+def _notify(method: str, registry: Registry, *args: Any) -> None:
+    """Call the observer's ``method``; an observer that fails must not fail the request."""
+    observer = registry.observer
+    if observer is None:
+        return
+    try:
+        getattr(observer, method)(registry, *args)
+    except Exception:
+        logger.exception("wsgi_pgconn observer %r failed in %s()", observer, method)
 
 
 class Stats:
@@ -113,6 +180,9 @@ class Stats:
     :class:`PooledConnection` by its holder, without a lock, and added here
     when it leaves the registry.
     """
+
+    #: The registry whose observer hears about every change (set while one watches).
+    registry: Registry | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -129,6 +199,7 @@ class Stats:
                 "pool_waits",
                 "pool_wait_seconds",
                 "pool_timeouts",
+                "connect_backoffs",
             ),
             0,
         )
@@ -137,6 +208,8 @@ class Stats:
     def incr(self, key: str, amount: float = 1) -> None:
         with self._lock:
             self.counts[key] += amount
+        if self.registry is not None:
+            _notify("count", self.registry, key, amount)
 
     def discard(self, reason: str | None, rec: PooledConnection) -> None:
         """``rec`` left the registry (``reason`` None: closed at thread end or exit)."""
@@ -147,12 +220,16 @@ class Stats:
             counts["reused"] += rec.uses
             counts["commits"] += rec.commits
             counts["rollbacks"] += rec.rollbacks
+        if self.registry is not None:
+            _notify("discarded", self.registry, reason)
 
 
 class Registry:
     """Opens, checks, resets and closes connections; subclasses decide who gets which."""
 
     scope = ""
+    #: Told about this registry's events (see set_observer); None: nobody listens.
+    observer: Observer | None = None
 
     def __init__(
         self,
@@ -185,6 +262,8 @@ class Registry:
         self._init_state()
         _registries.add(self)
         _subscribe_shutdown()
+        if _observer is not None:
+            self._observe(_observer)
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -228,8 +307,56 @@ class Registry:
             generation=self._generation,
             in_use=in_use,
             idle=len(records) - in_use,
+            pool_max=None,
+            waiting=0,
         )
         return result
+
+    def occupancy(self) -> tuple[int, int, int]:
+        """``(in use, idle, waiting)`` now: connections held by requests, kept idle, and
+        requests waiting for a connection (pool scope). Cheap enough for an observer."""
+        records = self._records()
+        in_use = sum(1 for rec in records if rec.in_use)
+        return in_use, len(records) - in_use, 0
+
+    # -- observers (see set_observer) -------------------------------------------------
+
+    def _observe(self, observer: Observer | None) -> None:
+        """Report this registry's events to ``observer`` from now on (None: stop)."""
+        self.observer = observer
+        self.stats_counter.registry = None if observer is None else self
+        if observer is None:
+            # The class's own checkout and checkin again: nothing is added per request.
+            self.__dict__.pop("checkout", None)
+            self.__dict__.pop("checkin", None)
+            return
+        cls = type(self)
+        clock = time.monotonic
+
+        def observed_checkout() -> PooledConnection:
+            rec = cls.checkout(self)
+            rec.observed = (clock(), rec.commits, rec.rollbacks)
+            _notify("checked_out", self, rec.uses > 0)  # uses: checkouts after the first
+            return rec
+
+        def observed_checkin(rec: PooledConnection, used: bool) -> None:
+            seen, rec.observed = rec.observed, None
+            try:
+                cls.checkin(self, rec, used)
+            finally:
+                if seen is not None:
+                    since, commits, rollbacks = seen
+                    _notify(
+                        "checked_in",
+                        self,
+                        clock() - since,
+                        rec.commits - commits,
+                        rec.rollbacks - rollbacks,
+                    )
+
+        self.checkout = observed_checkout  # type: ignore[method-assign]
+        self.checkin = observed_checkin  # type: ignore[method-assign]
+        _notify("attached", self)
 
     def suspect_all(self) -> None:
         """A connection broke: re-check every connection opened before now."""
@@ -423,6 +550,7 @@ def _after_fork_in_child() -> None:
         _inherited.append(dict(vars(registry)))
         registry._init_state()
         registry.stats_counter = Stats()
+        registry.stats_counter.registry = registry if registry.observer is not None else None
     for registry, rec in master_opened:
         logger.debug(
             "closing the uWSGI master's connection to backend pid %s in worker %s",
@@ -436,6 +564,19 @@ def _after_fork_in_child() -> None:
 
 
 _reset_pid = os.getpid()
+
+
+def set_observer(observer: Observer | None) -> None:
+    """Have every registry of this process, and every one created later, report to
+    ``observer`` (see :class:`Observer`); None stops the reports.
+
+    One observer per process (the Prometheus exporter is one). Without one, the
+    per-request path is exactly the registries' own ``checkout`` and ``checkin``.
+    """
+    global _observer
+    _observer = observer
+    for registry in list(_registries):
+        registry._observe(observer)
 
 
 def close_all_registries(*_args: object, **_kwargs: object) -> None:

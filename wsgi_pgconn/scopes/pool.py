@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import Any
 
 from .. import green
 from .base import PooledConnection, Registry
@@ -171,6 +172,15 @@ class PoolRegistry(Registry):
     def _records(self) -> list[PooledConnection]:
         with self._lock:
             return [*self._idle, *self._busy]
+
+    def stats(self) -> dict[str, Any]:
+        result = super().stats()
+        result.update(pool_max=self.settings.pool_size, waiting=len(self._waiting))
+        return result
+
+    def occupancy(self) -> tuple[int, int, int]:
+        # Without the lock (an observer may be called with it held): len() is atomic.
+        return len(self._busy), len(self._idle), len(self._waiting)
 
     def _held(self) -> list[PooledConnection]:
         return [*self._idle, *self._busy]

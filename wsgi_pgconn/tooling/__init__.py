@@ -16,10 +16,11 @@ __all__ = ["TOOLING_ENVIRONMENT"]
 
 # Every environment variable with the library's WSGI_PGCONN_ prefix that the
 # tooling, the test suite and the CI scripts read; none of them is a setting
-# of the middleware. The library's configuration check will use this list to
-# not report them as unknown settings (the benchmark's servers, for one, run
-# the middleware with WSGI_PGCONN_BENCH_* in their environment).
-# tests/test_tooling.py checks that every such name in the repository is here.
+# of the middleware. The library keeps the same list, as
+# wsgi_pgconn.config.NOT_SETTINGS (it never imports the tooling), so as not to
+# report them as unknown settings (the benchmark's servers, for one, run the
+# middleware with WSGI_PGCONN_BENCH_* in their environment). tests/test_tooling.py
+# checks that every such name in the repository is here, and that the two agree.
 TOOLING_ENVIRONMENT: tuple[str, ...] = (
     "WSGI_PGCONN_PORT_RANGE",  # ports of clusters, servers, poolers (tooling/ports.py)
     "WSGI_PGCONN_PG_BINDIR",  # the PostgreSQL server programs (tooling/tempdb.py)

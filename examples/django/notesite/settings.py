@@ -42,7 +42,8 @@ if not SECRET_KEY:
     raise ImproperlyConfigured("set DJANGO_SECRET_KEY (or DJANGO_DEBUG=1 for development)")
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
 
-INSTALLED_APPS = ["notes"]
+# "wsgi_pgconn.django": the adapter's system checks (manage.py check) run.
+INSTALLED_APPS = ["notes", "wsgi_pgconn.django"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
