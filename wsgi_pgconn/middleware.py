@@ -185,7 +185,8 @@ class PgConnMiddleware:
         self.configure = configure
         self.on_begin = on_begin
         self._registry: Registry | None = None
-        self._failure: ConfigurationError | None = None
+        # The class and message of the configuration error found at the first request.
+        self._failure: tuple[type[ConfigurationError], str] | None = None
         self._lock = threading.Lock()
         self._status = self.driver.transaction_status
         self._begin: tuple[str, ...] = ()
@@ -205,35 +206,39 @@ class PgConnMiddleware:
 
     def _start(self, environ: WSGIEnvironment) -> Registry:
         with self._lock:
-            if self._failure is not None:
-                raise self._failure
-            if self._registry is not None:
-                return self._registry
-            try:
-                from_request = _config.settings_environ(environ)
-                if from_request:
-                    self.settings = _config.parse(
-                        {**os.environ, **from_request}, **self._overrides
+            failure = self._failure
+            if failure is None:
+                if self._registry is not None:
+                    return self._registry
+                try:
+                    from_request = _config.settings_environ(environ)
+                    if from_request:
+                        self.settings = _config.parse(
+                            {**os.environ, **from_request}, **self._overrides
+                        )
+                        self.driver = drivers.load(self.settings.driver)
+                        self._status = self.driver.transaction_status
+                    if self.settings.scope == "process" and environ.get("wsgi.multithread"):
+                        raise ConfigurationError(
+                            "WSGI_PGCONN_SCOPE=process needs a server with one thread per "
+                            "process, but this server runs requests in several threads "
+                            "(wsgi.multithread is true): set WSGI_PGCONN_SCOPE=thread (or pool)"
+                        )
+                except ConfigurationError as exc:
+                    failure = self._failure = (type(exc), str(exc))
+                    logger.error("wsgi_pgconn is misconfigured: %s", exc)
+                else:
+                    registry = REGISTRIES[self.settings.scope](
+                        self.settings, self.driver, configure=self.configure
                     )
-                    self.driver = drivers.load(self.settings.driver)
-                    self._status = self.driver.transaction_status
-                if self.settings.scope == "process" and environ.get("wsgi.multithread"):
-                    raise ConfigurationError(
-                        "WSGI_PGCONN_SCOPE=process needs a server with one thread per "
-                        "process, but this server runs requests in several threads "
-                        "(wsgi.multithread is true): set WSGI_PGCONN_SCOPE=thread (or pool)"
-                    )
-            except ConfigurationError as exc:
-                self._failure = exc
-                logger.error("wsgi_pgconn is misconfigured: %s", exc)
-                raise
-            registry = REGISTRIES[self.settings.scope](
-                self.settings, self.driver, configure=self.configure
-            )
-            self._begin = registry.begin
-            self._registry = registry
-            logger.debug("configured (%s): %r", self.driver.version(), self.settings)
-            return registry
+                    self._begin = registry.begin
+                    self._registry = registry
+                    logger.debug("configured (%s): %r", self.driver.version(), self.settings)
+                    return registry
+        # Every request, the first included, gets an error of its own with the
+        # same message: re-raising one stored object would add this request's
+        # frames to its traceback, and the server's log would grow with each one.
+        raise failure[0](failure[1]) from None
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process (keys documented in docs, "Stats"); {} before a request."""
