@@ -35,7 +35,7 @@ from . import config as _config
 from . import drivers
 from . import transaction as _transaction
 from .drivers import IDLE
-from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout
+from .errors import ConfigurationError, ConnectBackoff, MiddlewareNotInstalled, PoolTimeout
 from .scopes import REGISTRIES, PooledConnection, Registry
 from .transaction import (
     _NO_ENVIRON,
@@ -271,6 +271,10 @@ class PgConnMiddleware:
         except PoolTimeout as exc:
             logger.warning("answering 503: %s", exc)
             return _unavailable(start_response, "all database connections are busy")
+        except ConnectBackoff as exc:  # a connect failed moments ago: no new attempt yet
+            self._count("connect_backoffs")
+            logger.debug("answering 503: %s", exc)
+            return _unavailable(start_response, "the database cannot be reached")
         except self.driver.OperationalError:  # the registry logged why
             return _unavailable(start_response, "the database cannot be reached")
         retries = self.settings.retries

@@ -33,7 +33,7 @@ from ..errors import DriverNotFound
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..errors import PoolTimeout, TransactionManaged
+    from ..errors import ConnectBackoff, PoolTimeout, TransactionManaged
 
 __all__ = [
     "DRIVER_NAMES",
@@ -101,6 +101,8 @@ class Driver(Protocol):
     def OperationalError(self) -> type[Exception]: ...
     @property
     def PoolTimeout(self) -> type[PoolTimeout]: ...
+    @property
+    def ConnectBackoff(self) -> type[ConnectBackoff]: ...
     @property
     def TransactionManaged(self) -> type[TransactionManaged]: ...
 

@@ -50,6 +50,10 @@ class PoolTimeout(errors.PoolTimeout, psycopg.OperationalError):
     __doc__ = errors.PoolTimeout.__doc__
 
 
+class ConnectBackoff(errors.ConnectBackoff, psycopg.OperationalError):
+    __doc__ = errors.ConnectBackoff.__doc__
+
+
 class TransactionManaged(errors.TransactionManaged, psycopg.ProgrammingError):
     __doc__ = errors.TransactionManaged.__doc__
 

@@ -51,6 +51,10 @@ class PoolTimeout(errors.PoolTimeout, psycopg2.OperationalError):
     __doc__ = errors.PoolTimeout.__doc__
 
 
+class ConnectBackoff(errors.ConnectBackoff, psycopg2.OperationalError):
+    __doc__ = errors.ConnectBackoff.__doc__
+
+
 class TransactionManaged(errors.TransactionManaged, psycopg2.ProgrammingError):
     __doc__ = errors.TransactionManaged.__doc__
 

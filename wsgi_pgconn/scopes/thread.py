@@ -28,6 +28,7 @@ class ThreadRegistry(Registry):
     scope = "thread"
 
     def _init_state(self) -> None:
+        super()._init_state()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: set[PooledConnection] = set()
