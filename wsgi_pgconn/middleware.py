@@ -69,6 +69,10 @@ EXEMPT_KEY = "wsgi_pgconn.exempt"
 #: SQLSTATEs after which a request may be run again (serialization failure, deadlock).
 RETRY_SQLSTATES = frozenset({"40001", "40P01"})
 
+#: SQLSTATEs of a failed COMMIT that say the server ended the session before it read
+#: the COMMIT (idle_in_transaction_session_timeout): nothing was saved, certainly.
+ENDED_BEFORE_COMMIT = frozenset({"25P03"})
+
 _SIMPLE_BODY = (list, tuple)
 
 
@@ -353,7 +357,13 @@ class PgConnMiddleware:
             return _RETRY
         if error is not None:
             logger.error("COMMIT failed, answering 500 instead of %r: %s", txn.status, error)
-            in_doubt = conn.closed and isinstance(error, self.driver.OperationalError)
+            # In doubt only if COMMIT reached a live session and the answer was lost
+            # (25P03: the idle-in-transaction timeout ended the session before it).
+            in_doubt = (
+                conn.closed
+                and isinstance(error, self.driver.OperationalError)
+                and txn.sqlstate not in ENDED_BEFORE_COMMIT
+            )
             self._abort(txn, result)
             return _simple_response(
                 start_response,

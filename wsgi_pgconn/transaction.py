@@ -254,6 +254,11 @@ class RequestTransaction:
         commit = completed and should_commit(self)
         if commit and status == INTRANS:
             driver = mw.driver
+            rec = self._rec
+            if rec is not None and rec.poller.poll(0) and not driver.drain(conn):
+                # The server ended the session while the request held it (its
+                # termination notice was already on the socket): nothing to COMMIT.
+                return self._ended_before_commit(rec)
             try:
                 driver.commit(conn)
             except driver.Error as exc:
@@ -287,6 +292,21 @@ class RequestTransaction:
                 f"{self.status!r}); it was rolled back"
             )
         return None
+
+    def _ended_before_commit(self, rec: PooledConnection) -> TransactionFailed:
+        """The session was gone before COMMIT was sent: the server rolled the work back."""
+        mw = self._mw
+        driver = mw.driver
+        conn = self.connection
+        why = driver.last_notice(conn) or "the server closed the connection"
+        mw._count("commit_errors")
+        self.db_failed = True
+        driver.close(conn)  # nothing more can be sent on it; the registry discards it
+        self._rollback_after_failure()
+        return TransactionFailed(
+            f"the server had ended the session of backend pid {rec.backend_pid} before COMMIT "
+            f"was sent ({why}); nothing was saved"
+        )
 
     def _rollback_after_failure(self) -> None:
         conn = self.connection

@@ -141,6 +141,12 @@ class Driver(Protocol):
     def drain(self, conn: Any) -> bool:
         """Read what arrived on an idle connection; False if it says the backend is gone."""
 
+    def last_notice(self, conn: Any) -> str | None:
+        """The last notice or asynchronous error the server sent on ``conn``, one line, or None.
+
+        For a session the server ended, its FATAL message (read by :meth:`drain`).
+        """
+
     def begin(self, conn: Any) -> None:
         """Begin the request's transaction now, if a request holds ``conn`` and none is open.
 

@@ -280,6 +280,7 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
     _wsgi_pgconn_own_pipeline = False
     _wsgi_pgconn_recording = False
     _wsgi_pgconn_notices = 0
+    _wsgi_pgconn_last_notice: str | None = None
 
     def _wsgi_pgconn_refuse(self, what: str) -> NoReturn:
         raise TransactionManaged(
@@ -359,10 +360,15 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
     deferrable = _refusing_setter("deferrable")
 
 
-def _count_notice(ref: weakref.ref[ManagedConnection], diagnostic: object) -> None:
+def _count_notice(ref: weakref.ref[ManagedConnection], diagnostic: Any) -> None:
     conn = ref()
     if conn is not None:
         conn._wsgi_pgconn_notices += 1
+        # Read now: a Diagnostic reads its result, which is gone once the connection is.
+        conn._wsgi_pgconn_last_notice = (
+            f"{diagnostic.severity}: {diagnostic.message_primary} "
+            f"(SQLSTATE {diagnostic.sqlstate})"
+        )
 
 
 # -- the seam ------------------------------------------------------------------------------
@@ -445,6 +451,11 @@ def drain(conn: Any) -> bool:
         return False
     alive: bool = conn._wsgi_pgconn_notices == seen and pgconn.status != _BAD
     return alive
+
+
+def last_notice(conn: Any) -> str | None:
+    notice: str | None = getattr(conn, "_wsgi_pgconn_last_notice", None)
+    return notice
 
 
 begin = _begin_now

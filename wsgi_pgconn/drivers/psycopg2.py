@@ -475,6 +475,11 @@ def drain(conn: Any) -> bool:
     return not conn.closed
 
 
+def last_notice(conn: Any) -> str | None:
+    notices = conn.notices
+    return " ".join(notices[-1].split()) if notices else None
+
+
 def begin(conn: Any) -> None:
     if conn._wsgi_pgconn_begin is not None and _status(conn) == IDLE:
         _begin(conn)
