@@ -315,6 +315,7 @@ class PgConnMiddleware:
         result: Iterable[bytes] | None = None
         iterator: Iterator[bytes] | None = None
         first: list[bytes] = []
+        deferred = False
         try:
             if self.on_begin is not None:
                 txn.arm_on_begin()
@@ -338,6 +339,11 @@ class PgConnMiddleware:
                 and txn._after_rollback is None
             ):
                 error = None  # nothing was begun: nothing to end
+            elif conn._wsgi_pgconn_cursors is not None and drivers.cursor_open(conn):
+                # A server-side cursor of the transaction is still open: the body may
+                # read it. The transaction ends when the server closes the response.
+                error = None
+                deferred = True
             else:
                 error = txn.finish(completed=True)
         except BaseException as exc:
@@ -380,7 +386,7 @@ class PgConnMiddleware:
         except BaseException:
             self._abort(txn, result)
             raise
-        if iterator is None and type(result) in _SIMPLE_BODY:
+        if iterator is None and type(result) in _SIMPLE_BODY and not deferred:
             # The body is complete: nothing more can touch the database.
             if txn.used or txn._token is not None or self._registry.debug:  # type: ignore[union-attr]
                 txn.release()
@@ -414,6 +420,7 @@ class PgConnMiddleware:
                 txn.finish(completed=False)
             finally:
                 if retry:
+                    txn.connection._wsgi_pgconn_cursors = None  # ended with the transaction
                     txn.detach()
                 else:
                     txn.release()

@@ -382,6 +382,8 @@ class RequestTransaction:
         conn._wsgi_pgconn_begin = None
         if mw.on_begin is not None:
             conn._wsgi_pgconn_on_begin = None
+        if conn._wsgi_pgconn_cursors is not None:  # their transaction has ended
+            conn._wsgi_pgconn_cursors = None
         if (self.db_failed or self.sqlstate == READ_ONLY) and _server_read_only(
             mw, conn, self.sqlstate
         ):

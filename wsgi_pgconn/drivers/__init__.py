@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,10 +43,12 @@ __all__ = [
     "INTRANS",
     "Driver",
     "ManagedState",
+    "cursor_open",
     "installed",
     "load",
     "parse_conninfo",
     "resolve",
+    "track_cursor",
 ]
 
 #: The drivers wsgi_pgconn supports (module names), in the order ``auto`` prefers them.
@@ -88,6 +91,37 @@ class ManagedState:
     _wsgi_pgconn_began: int = 0
     #: SQLSTATE of the last failed statement (recorded only when retries are on).
     _wsgi_pgconn_sqlstate: str | None = None
+    #: Weak references to the server-side cursors (without HOLD) declared while a
+    #: request held the connection (see :func:`track_cursor`); None: none.
+    _wsgi_pgconn_cursors: list[weakref.ref[Any]] | None = None
+
+
+def track_cursor(conn: Any, cursor: Any) -> None:
+    """Remember ``cursor``, a server-side cursor without HOLD, of the request's transaction.
+
+    The drivers' cursor classes call it when they declare one, and the Django
+    adapter for the cursors Django makes from its own class. The request's
+    COMMIT, which closes such a cursor, then waits while one is still open (a
+    streamed body may read it). Only for cursors: rare, so not on the path of
+    ordinary statements.
+    """
+    cursors = conn._wsgi_pgconn_cursors
+    if cursors is None:
+        conn._wsgi_pgconn_cursors = [weakref.ref(cursor)]
+    elif cursors[-1]() is not cursor:
+        cursors.append(weakref.ref(cursor))
+
+
+def cursor_open(conn: Any) -> bool:
+    """Whether a cursor remembered by :func:`track_cursor` on ``conn`` is still open.
+
+    Open: not closed and not garbage-collected (both drivers' cursors have ``closed``).
+    """
+    for ref in conn._wsgi_pgconn_cursors or ():
+        cursor = ref()
+        if cursor is not None and not cursor.closed:
+            return True
+    return False
 
 
 class Driver(Protocol):

@@ -34,7 +34,7 @@ from psycopg import pq
 
 from .. import errors
 from ..connection import begin_statements
-from . import IDLE, ManagedState
+from . import IDLE, ManagedState, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -187,9 +187,14 @@ class _ServerCursor:
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         conn = self._conn
-        if conn._wsgi_pgconn_begin is not None and conn.pgconn.transaction_status == IDLE:
+        if conn._wsgi_pgconn_begin is None:
+            return super().execute(*args, **kwargs)  # type: ignore[misc]
+        if conn.pgconn.transaction_status == IDLE:
             _run_on_begin(conn)
-        return super().execute(*args, **kwargs)  # type: ignore[misc]
+        result = super().execute(*args, **kwargs)  # type: ignore[misc]
+        if not self.withhold:  # type: ignore[attr-defined]
+            track_cursor(conn, self)  # the request's COMMIT waits while it is open
+        return result
 
 
 class _Recording:

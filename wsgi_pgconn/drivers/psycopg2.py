@@ -35,7 +35,7 @@ from psycopg2 import sql
 
 from .. import errors
 from ..connection import begin_statements
-from . import IDLE, ManagedState
+from . import IDLE, ManagedState, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -200,6 +200,7 @@ class NamedCursor(Cursor):
         else:
             _execute(internal, declare)
         self._wsgi_pgconn_declared = declare
+        track_cursor(conn, self)  # the request's COMMIT waits while it is open
         return None
 
     @property
