@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .drivers import IDLE, INTRANS
+from .drivers import ACTIVE, IDLE, INTRANS
 from .errors import PgConnError, first_line
 
 if TYPE_CHECKING:
@@ -311,7 +311,9 @@ class RequestTransaction:
     def _rollback_after_failure(self) -> None:
         conn = self.connection
         mw = self._mw
-        if not conn.closed:
+        # ACTIVE: a statement still runs (the request gave up on it); the registry
+        # cancels it and discards the connection at checkin.
+        if not conn.closed and mw._status(conn) != ACTIVE:
             try:
                 mw.driver.rollback(conn)
             except mw.driver.Error as exc:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..errors import ConnectBackoff, PoolTimeout, TransactionManaged
 
 __all__ = [
+    "ACTIVE",
     "DRIVER_NAMES",
     "IDLE",
     "INERROR",
@@ -214,7 +215,11 @@ class Driver(Protocol):
 
     def clear_notices(self, conn: Any) -> None: ...
     def cancel(self, conn: Any) -> None:
-        """Ask the server to cancel the statement running on ``conn`` (a separate connection)."""
+        """Ask the server to cancel the statement running on ``conn`` (a separate connection).
+
+        Raises the driver's Error when the request cannot be sent (psycopg 3:
+        within 5 seconds).
+        """
 
     def close(self, conn: Any) -> None:
         """Close the connection (whatever the guards say); never raises."""

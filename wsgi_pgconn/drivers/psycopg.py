@@ -34,7 +34,7 @@ from psycopg import pq
 
 from .. import errors
 from ..connection import begin_statements
-from . import IDLE, ManagedState, track_cursor
+from . import ACTIVE, IDLE, ManagedState, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -112,14 +112,27 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
     finally:
         conn._wsgi_pgconn_own_pipeline = False
         try:
-            with conn.lock:
-                conn.wait(pipeline._sync_gen())
-        except Exception:
+            if error is None or isinstance(error, Exception):
+                with conn.lock:
+                    conn.wait(pipeline._sync_gen())
+        except BaseException as exc:
             if error is None:
+                error = exc
                 raise
         finally:
-            pipeline._exit(error)
-            conn._pipeline = None
+            if conn.pgconn.transaction_status != ACTIVE:
+                pipeline._exit(error)
+                conn._pipeline = None
+            elif isinstance(error, Exception):
+                # A fatal error (the session was terminated) left results that will
+                # never come: the connection is over.
+                conn._pipeline = None
+                _Base.close(conn)
+            else:
+                # An exception raised into the wait (a request timeout) left the
+                # statement running, its result pending: the pipeline cannot be
+                # left. The registry cancels the statement and discards the connection.
+                conn._pipeline = None
 
 
 def _several_statements(conn: ManagedConnection, query: Any) -> bool:

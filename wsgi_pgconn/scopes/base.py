@@ -46,7 +46,7 @@ from typing import Any
 
 from .. import connection as _connection
 from ..config import Settings
-from ..drivers import IDLE, INERROR, INTRANS, Driver
+from ..drivers import ACTIVE, IDLE, INERROR, INTRANS, Driver
 from ..errors import first_line
 from . import _connect
 
@@ -403,6 +403,8 @@ class Registry:
         status = self._status(conn)
         try:
             if status != IDLE:
+                if status == ACTIVE:
+                    self._cancel_abandoned(rec)
                 if status not in (INTRANS, INERROR):
                     return "broken"
                 logger.warning(
@@ -424,6 +426,27 @@ class Registry:
         if self._timed:
             rec.last_used = time.monotonic()
         return None
+
+    def _cancel_abandoned(self, rec: PooledConnection) -> None:
+        """A statement still runs on ``rec``, whose request gave up on it: cancel it.
+
+        An exception raised into the wait for its result (a gevent.Timeout, a
+        server's request timeout) left the connection busy; closing it alone
+        would leave the statement running on the server, holding its locks,
+        until it ends. The cancel request goes over a connection of its own.
+        """
+        logger.warning(
+            "a request gave up on backend pid %s while a statement was running: cancelling it",
+            rec.backend_pid,
+        )
+        try:
+            self.driver.cancel(rec.conn)
+        except Exception as exc:  # the connection is discarded anyway
+            logger.warning(
+                "cancelling the statement on backend pid %s failed: %s",
+                rec.backend_pid,
+                first_line(exc),
+            )
 
     def _close_quietly(self, rec: PooledConnection) -> None:
         if rec.pid != os.getpid():
