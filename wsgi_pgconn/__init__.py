@@ -16,6 +16,7 @@ from __future__ import annotations
 from .config import Settings
 from .errors import (
     ConfigurationError,
+    ConnectBackoff,
     DriverNotFound,
     MiddlewareNotInstalled,
     PgConnError,
@@ -35,6 +36,7 @@ __all__ = [
     "CONNECTION_KEY",
     "TRANSACTION_KEY",
     "ConfigurationError",
+    "ConnectBackoff",
     "DriverNotFound",
     "MiddlewareNotInstalled",
     "PgConnError",

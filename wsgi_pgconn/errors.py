@@ -1,18 +1,20 @@
 """The exceptions wsgi_pgconn raises.
 
 This module imports no driver. Errors that are about the database itself
-(:class:`PoolTimeout`, :class:`TransactionManaged`) are raised as subclasses
-that the driver module makes, which also derive from the driver's own classes:
-on psycopg2 a pool timeout is a ``psycopg2.OperationalError``, on psycopg 3 a
-``psycopg.OperationalError``, like a failed connect, so code (or Django's
-wrapper) that already catches those keeps working. ``except
-wsgi_pgconn.PoolTimeout`` catches it on either driver.
+(:class:`PoolTimeout`, :class:`ConnectBackoff`, :class:`TransactionManaged`)
+are raised as subclasses that the driver module makes, which also derive from
+the driver's own classes: on psycopg2 a pool timeout is a
+``psycopg2.OperationalError``, on psycopg 3 a ``psycopg.OperationalError``,
+like a failed connect, so code (or Django's wrapper) that already catches
+those keeps working. ``except wsgi_pgconn.PoolTimeout`` catches it on either
+driver.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "ConnectBackoff",
     "DriverNotFound",
     "MiddlewareNotInstalled",
     "PgConnError",
@@ -46,6 +48,16 @@ class MiddlewareNotInstalled(PgConnError, LookupError):
 class PoolTimeout(PgConnError):
     """No pooled connection became free within ``pool_timeout`` seconds.
 
+    Raised as the driver's subclass, which is also its ``OperationalError``.
+    """
+
+
+class ConnectBackoff(PgConnError):
+    """No connection was attempted: an attempt failed moments ago and the process is backing off.
+
+    After a failed connect, a process waits a short, growing, jittered delay
+    (at most half a second) before it tries again; requests that need a new
+    connection meanwhile get this at once (the middleware answers 503).
     Raised as the driver's subclass, which is also its ``OperationalError``.
     """
 

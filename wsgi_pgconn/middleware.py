@@ -38,7 +38,7 @@ from . import config as _config
 from . import drivers, green
 from . import transaction as _transaction
 from .drivers import IDLE
-from .errors import ConfigurationError, MiddlewareNotInstalled, PoolTimeout
+from .errors import ConfigurationError, ConnectBackoff, MiddlewareNotInstalled, PoolTimeout
 from .scopes import REGISTRIES, PooledConnection, Registry, ThreadRegistry, watch_sigterm
 from .transaction import (
     _NO_ENVIRON,
@@ -71,6 +71,10 @@ EXEMPT_KEY = "wsgi_pgconn.exempt"
 
 #: SQLSTATEs after which a request may be run again (serialization failure, deadlock).
 RETRY_SQLSTATES = frozenset({"40001", "40P01"})
+
+#: SQLSTATEs of a failed COMMIT that say the server ended the session before it read
+#: the COMMIT (idle_in_transaction_session_timeout): nothing was saved, certainly.
+ENDED_BEFORE_COMMIT = frozenset({"25P03"})
 
 _SIMPLE_BODY = (list, tuple)
 
@@ -206,7 +210,8 @@ class PgConnMiddleware:
         self.configure = configure
         self.on_begin = on_begin
         self._registry: Registry | None = None
-        self._failure: ConfigurationError | None = None
+        # The class and message of the configuration error found at the first request.
+        self._failure: tuple[type[ConfigurationError], str] | None = None
         self._lock = threading.Lock()
         self._status = self.driver.transaction_status
         self._begin: tuple[str, ...] = ()
@@ -226,64 +231,77 @@ class PgConnMiddleware:
 
     def _start(self, environ: WSGIEnvironment) -> Registry:
         with self._lock:
-            if self._failure is not None:
-                raise self._failure
-            if self._registry is not None:
+            failure = self._failure
+            if failure is None and self._registry is not None:
                 return self._registry
-            try:
-                from_request = _config.settings_environ(environ)
-                unknown = [name for name, _ in _config.unknown_variables(environ)]
-                if from_request or unknown:
-                    given = {**os.environ, **from_request, **{k: environ[k] for k in unknown}}
-                    self.settings = _config.parse(given, **self._overrides)
-                    _config.warn_unknown(given, "the environment and the request's environ")
-                    self._set_exempt()
-                    self.driver = drivers.load(self.settings.driver)
-                    self._status = self.driver.transaction_status
-                merged = {**os.environ, **from_request}
-                greenlets = self._greenlets(merged)
-                if greenlets is None and self.settings.scope == "process" and environ.get(
-                    "wsgi.multithread"
-                ):
-                    raise ConfigurationError(
-                        "WSGI_PGCONN_SCOPE=process needs a server with one thread per "
-                        "process, but this server runs requests in several threads "
-                        "(wsgi.multithread is true): set WSGI_PGCONN_SCOPE=thread (or pool)"
-                    )
-            except ConfigurationError as exc:
-                self._failure = exc
-                logger.error("wsgi_pgconn is misconfigured: %s", exc)
-                raise
-            server = _thread_per_request_server(environ)
-            if greenlets is not None:
-                self._cooperate(greenlets)
-            if self.settings.scope == "thread" and not _config.is_set(
-                "scope", merged, **self._overrides
+            if failure is None:
+                registry = self._configure_registry(environ)
+                if isinstance(registry, Registry):
+                    return registry
+                failure = registry
+        # Every request, the first included, gets an error of its own with the
+        # same message: re-raising one stored object would add this request's
+        # frames to its traceback, and the server's log would grow with each one.
+        raise failure[0](failure[1]) from None
+
+    def _configure_registry(
+        self, environ: WSGIEnvironment
+    ) -> Registry | tuple[type[ConfigurationError], str]:
+        """This process's registry, or (type, message) of why there is none (lock held)."""
+        try:
+            from_request = _config.settings_environ(environ)
+            unknown = [name for name, _ in _config.unknown_variables(environ)]
+            if from_request or unknown:
+                given = {**os.environ, **from_request, **{k: environ[k] for k in unknown}}
+                self.settings = _config.parse(given, **self._overrides)
+                _config.warn_unknown(given, "the environment and the request's environ")
+                self._set_exempt()
+                self.driver = drivers.load(self.settings.driver)
+                self._status = self.driver.transaction_status
+            merged = {**os.environ, **from_request}
+            greenlets = self._greenlets(merged)
+            if greenlets is None and self.settings.scope == "process" and environ.get(
+                "wsgi.multithread"
             ):
-                why = (
-                    f"requests run in greenlets ({greenlets.how})"
-                    if greenlets is not None
-                    else f"{server} starts a thread per request"
-                    if server is not None
-                    else None
+                raise ConfigurationError(
+                    "WSGI_PGCONN_SCOPE=process needs a server with one thread per "
+                    "process, but this server runs requests in several threads "
+                    "(wsgi.multithread is true): set WSGI_PGCONN_SCOPE=thread (or pool)"
                 )
-                if why is not None:
-                    logger.info("WSGI_PGCONN_SCOPE unset and %s: using scope=pool", why)
-                    self.settings = dataclasses.replace(self.settings, scope="pool")
-            settings = self.settings
-            if settings.scope == "process" and greenlets is not None:
-                # One connection per process, taken in turn by the greenlets.
-                logger.info("WSGI_PGCONN_SCOPE=process under greenlets: a pool of one connection")
-                settings = dataclasses.replace(settings, pool_size=1)
-            registry = REGISTRIES["pool" if greenlets is not None else settings.scope](
-                settings, self.driver, configure=self.configure, greenlets=greenlets
+        except ConfigurationError as exc:
+            self._failure = (type(exc), str(exc))
+            logger.error("wsgi_pgconn is misconfigured: %s", exc)
+            return self._failure
+        server = _thread_per_request_server(environ)
+        if greenlets is not None:
+            self._cooperate(greenlets)
+        if self.settings.scope == "thread" and not _config.is_set(
+            "scope", merged, **self._overrides
+        ):
+            why = (
+                f"requests run in greenlets ({greenlets.how})"
+                if greenlets is not None
+                else f"{server} starts a thread per request"
+                if server is not None
+                else None
             )
-            if isinstance(registry, ThreadRegistry) and server is not None:
-                registry.server = server
-            self._begin = registry.begin
-            self._registry = registry
-            logger.debug("configured (%s): %r", self.driver.version(), self.settings)
-            return registry
+            if why is not None:
+                logger.info("WSGI_PGCONN_SCOPE unset and %s: using scope=pool", why)
+                self.settings = dataclasses.replace(self.settings, scope="pool")
+        settings = self.settings
+        if settings.scope == "process" and greenlets is not None:
+            # One connection per process, taken in turn by the greenlets.
+            logger.info("WSGI_PGCONN_SCOPE=process under greenlets: a pool of one connection")
+            settings = dataclasses.replace(settings, pool_size=1)
+        registry = REGISTRIES["pool" if greenlets is not None else settings.scope](
+            settings, self.driver, configure=self.configure, greenlets=greenlets
+        )
+        if isinstance(registry, ThreadRegistry) and server is not None:
+            registry.server = server
+        self._begin = registry.begin
+        self._registry = registry
+        logger.debug("configured (%s): %r", self.driver.version(), self.settings)
+        return registry
 
     def _set_exempt(self) -> None:
         quick, exact, starts = _config.exempt_matcher(self.settings.exempt_paths)
@@ -352,6 +370,10 @@ class PgConnMiddleware:
         except PoolTimeout as exc:
             logger.warning("answering 503: %s", exc)
             return _unavailable(start_response, "all database connections are busy")
+        except ConnectBackoff as exc:  # a connect failed moments ago: no new attempt yet
+            self._count("connect_backoffs")
+            logger.debug("answering 503: %s", exc)
+            return _unavailable(start_response, "the database cannot be reached")
         except self.driver.OperationalError:  # the registry logged why
             return _unavailable(start_response, "the database cannot be reached")
         retries = self.settings.retries
@@ -388,6 +410,7 @@ class PgConnMiddleware:
         result: Iterable[bytes] | None = None
         iterator: Iterator[bytes] | None = None
         first: list[bytes] = []
+        deferred = False
         try:
             if self.on_begin is not None:
                 txn.arm_on_begin()
@@ -411,6 +434,11 @@ class PgConnMiddleware:
                 and txn._after_rollback is None
             ):
                 error = None  # nothing was begun: nothing to end
+            elif conn._wsgi_pgconn_cursors is not None and drivers.cursor_open(conn):
+                # A server-side cursor of the transaction is still open: the body may
+                # read it. The transaction ends when the server closes the response.
+                error = None
+                deferred = True
             else:
                 error = txn.finish(completed=True)
         except BaseException as exc:
@@ -430,7 +458,13 @@ class PgConnMiddleware:
             return _RETRY
         if error is not None:
             logger.error("COMMIT failed, answering 500 instead of %r: %s", txn.status, error)
-            in_doubt = conn.closed and isinstance(error, self.driver.OperationalError)
+            # In doubt only if COMMIT reached a live session and the answer was lost
+            # (25P03: the idle-in-transaction timeout ended the session before it).
+            in_doubt = (
+                conn.closed
+                and isinstance(error, self.driver.OperationalError)
+                and txn.sqlstate not in ENDED_BEFORE_COMMIT
+            )
             self._abort(txn, result)
             return _simple_response(
                 start_response,
@@ -447,7 +481,7 @@ class PgConnMiddleware:
         except BaseException:
             self._abort(txn, result)
             raise
-        if iterator is None and type(result) in _SIMPLE_BODY:
+        if iterator is None and type(result) in _SIMPLE_BODY and not deferred:
             # The body is complete: nothing more can touch the database.
             if txn.used or txn._token is not None or self._registry.debug:  # type: ignore[union-attr]
                 txn.release()
@@ -481,6 +515,7 @@ class PgConnMiddleware:
                 txn.finish(completed=False)
             finally:
                 if retry:
+                    txn.connection._wsgi_pgconn_cursors = None  # ended with the transaction
                     txn.detach()
                 else:
                     txn.release()

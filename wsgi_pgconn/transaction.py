@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .drivers import IDLE, INTRANS
+from .drivers import ACTIVE, IDLE, INTRANS
 from .errors import PgConnError, first_line
 
 if TYPE_CHECKING:
@@ -254,6 +254,11 @@ class RequestTransaction:
         commit = completed and should_commit(self)
         if commit and status == INTRANS:
             driver = mw.driver
+            rec = self._rec
+            if rec is not None and rec.poller.poll(0) and not driver.drain(conn):
+                # The server ended the session while the request held it (its
+                # termination notice was already on the socket): nothing to COMMIT.
+                return self._ended_before_commit(rec)
             try:
                 driver.commit(conn)
             except driver.Error as exc:
@@ -288,10 +293,27 @@ class RequestTransaction:
             )
         return None
 
+    def _ended_before_commit(self, rec: PooledConnection) -> TransactionFailed:
+        """The session was gone before COMMIT was sent: the server rolled the work back."""
+        mw = self._mw
+        driver = mw.driver
+        conn = self.connection
+        why = driver.last_notice(conn) or "the server closed the connection"
+        mw._count("commit_errors")
+        self.db_failed = True
+        driver.close(conn)  # nothing more can be sent on it; the registry discards it
+        self._rollback_after_failure()
+        return TransactionFailed(
+            f"the server had ended the session of backend pid {rec.backend_pid} before COMMIT "
+            f"was sent ({why}); nothing was saved"
+        )
+
     def _rollback_after_failure(self) -> None:
         conn = self.connection
         mw = self._mw
-        if not conn.closed:
+        # ACTIVE: a statement still runs (the request gave up on it); the registry
+        # cancels it and discards the connection at checkin.
+        if not conn.closed and mw._status(conn) != ACTIVE:
             try:
                 mw.driver.rollback(conn)
             except mw.driver.Error as exc:
@@ -362,6 +384,8 @@ class RequestTransaction:
         conn._wsgi_pgconn_begin = None
         if mw.on_begin is not None:
             conn._wsgi_pgconn_on_begin = None
+        if conn._wsgi_pgconn_cursors is not None:  # their transaction has ended
+            conn._wsgi_pgconn_cursors = None
         if (self.db_failed or self.sqlstate == READ_ONLY) and _server_read_only(
             mw, conn, self.sqlstate
         ):

@@ -533,6 +533,31 @@ def test_a_failure_while_streaming_rolls_back_the_streamed_work(
     assert app.app.stats()["in_use"] == 0
 
 
+def test_a_server_side_cursor_streamed_after_the_view_gets_every_row(
+    make_app: App, djadmin: psycopg2.extensions.connection
+) -> None:
+    """``iterator(chunk_size=2)`` read in a StreamingHttpResponse: the COMMIT waits for the body.
+
+    Committing before the status line would close the cursor Django declared:
+    a 200 with only the first chunk, and "cursor does not exist" in the log.
+    """
+    key = new_key()
+    query(
+        djadmin,
+        "INSERT INTO djtest_app_item (key, data, created) "
+        "SELECT %s || '-' || lpad(g::text, 2, '0'), '{}', now() FROM generate_series(1, 9) g",
+        key,
+    )
+    app = make_app()
+    response = app.get(f"/stream-items/{key}")
+    expected = [f"{key}-{g:02d}" for g in range(1, 10)] + [key + "-view"]
+    assert response.status_int == 200
+    assert response.text.splitlines() == expected
+    assert keys(djadmin, key + "-view") == [key + "-view"]  # the view's write, committed
+    stats = app.app.stats()
+    assert (stats["commits"], stats["rollbacks"], stats["in_use"]) == (1, 0, 0)
+
+
 def test_an_abandoned_response_is_still_rolled_back_and_released(
     make_app: App, djadmin: psycopg2.extensions.connection, caplog: pytest.LogCaptureFixture
 ) -> None:

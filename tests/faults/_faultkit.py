@@ -609,6 +609,18 @@ class Admin:
                 conn.close()
 
 
+def committing(admin: Admin, app_name: str) -> list[int]:
+    """Backends tagged ``app_name`` that wait for a lock while running COMMIT."""
+    return [
+        pid
+        for (pid,) in admin.rows(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+            "AND wait_event_type = 'Lock' AND query = 'COMMIT'",
+            app_name,
+        )
+    ]
+
+
 def still_serves(port: int, n: int = 8, path: str = "/ping") -> None:
     """``n`` sequential requests after the fault: all must be answered 200."""
     for i in range(n):

@@ -56,6 +56,27 @@ def ledger_table(admin_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def commit_waits_on_lock(fadmin: kit.Admin, ledger_table: str) -> Iterator[int]:
+    """COMMIT of a transaction that wrote to ``ledger_table`` waits for this advisory lock.
+
+    A deferred constraint trigger takes it (``pg_advisory_xact_lock``): a test
+    that holds the lock holds every such COMMIT on the server; the fixture's
+    value is the lock's key.
+    """
+    key = 4243
+    fadmin.rows(
+        f"CREATE FUNCTION {ledger_table}_wait() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_advisory_xact_lock({key}); RETURN NULL; END $$"
+    )
+    fadmin.rows(
+        f"CREATE CONSTRAINT TRIGGER {ledger_table}_wait AFTER INSERT ON {ledger_table} "
+        f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {ledger_table}_wait()"
+    )
+    yield key
+    fadmin.rows(f"DROP FUNCTION {ledger_table}_wait() CASCADE")
+
+
+@pytest.fixture
 def make_mw(make_mw: Callable[..., PgConnMiddleware]) -> Callable[..., PgConnMiddleware]:
     """The suite's make_mw, remembering each middleware for the secret scan."""
 

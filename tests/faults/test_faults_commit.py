@@ -325,3 +325,125 @@ def test_retries_under_contention(
     assert fadmin.rows(f"SELECT sum(v) FROM {counters}") == [(240,)]
     assert stats["retries"] == sum((n - 1) * c for n, c in attempts.items())
     kit.wind_down(fadmin, app_name, server, mw)
+
+
+# -- a session the server ended before COMMIT: nothing was saved, and the 500 says so --------
+
+
+NOTHING_SAVED = "nothing was saved"
+
+
+def _pause_app(table: str, side: kit.Side, admin_dsn: str) -> Any:
+    """``/pause?k=KEY``: insert KEY, wait until this request's backend is gone, answer 200.
+
+    The wait polls pg_stat_activity from a connection of its own (no sleep):
+    the server ends the session (idle_in_transaction_session_timeout, or the
+    test's pg_terminate_backend) while the request is idle in its transaction.
+    """
+    watcher = kit.Admin(admin_dsn)
+    ping = kit.ledger_app(table, side)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["PATH_INFO"] != "/pause":
+            return ping(environ, start_response)
+        key = kit.query_key(environ)
+        conn = environ["wsgi_pgconn.connection"]
+        side.saw(key, conn)
+        pid = side.pids[key]
+        with conn.cursor() as cur:
+            cur.execute(f"INSERT INTO {table} (k) VALUES (%s)", (key,))
+        side.event("paused:" + key).set()
+        kit.deadline_wait(
+            lambda: not watcher.rows("SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid),
+            10,
+            f"backend {pid} to be gone",
+        )
+        start_response("200 OK", [("Content-Length", "3")])
+        return [b"ok\n"]
+
+    app.watcher = watcher  # type: ignore[attr-defined]
+    return app
+
+
+@pytest.mark.parametrize("ended_by", ["idle_in_transaction_timeout", "pg_terminate_backend"])
+def test_session_ended_before_commit_says_nothing_was_saved(
+    ended_by: str,
+    make_mw: Any,
+    dsn: str,
+    app_name: str,
+    admin_dsn: str,
+    fadmin: kit.Admin,
+    ledger_table: str,
+) -> None:
+    """The server ended the session while the view paused (200): 500, "nothing was saved".
+
+    The termination notice was on the socket before COMMIT would have been
+    sent, so the outcome is known: the server rolled the transaction back.
+    Server: PoolServer, 1 worker thread, scope=thread.
+    """
+    side = kit.Side()
+    app = _pause_app(ledger_table, side, admin_dsn)
+    settings: dict[str, Any] = {}
+    if ended_by == "idle_in_transaction_timeout":
+        settings["idle_in_transaction_timeout"] = "300ms"
+    mw = make_mw(app, dsn=dsn, **settings)
+    server = kit.PoolServer(mw, workers=1)
+    key = kit.random_key("ended")(0)
+    if ended_by == "pg_terminate_backend":
+
+        def terminate() -> None:
+            assert side.event("paused:" + key).wait(10)
+            fadmin.rows("SELECT pg_terminate_backend(%s)", side.pids[key])
+
+        killer = threading.Thread(target=terminate, daemon=True)
+        killer.start()
+    try:
+        resp = kit.http(server.port, f"/pause?k={key}")
+    finally:
+        app.watcher.close()
+    print(f"{ended_by}: {resp.status} {resp.body!r}; stats {mw.stats()}")
+    assert resp.status == 500
+    assert NOTHING_SAVED.encode() in resp.body
+    assert kit.IN_DOUBT.encode() not in resp.body
+    assert fadmin.keys(ledger_table) == collections.Counter()
+    assert mw.stats()["commit_errors"] == 1
+    kit.still_serves(server.port)  # the thread's connection was replaced
+    kit.wind_down(fadmin, app_name, server, mw)
+
+
+def test_session_ended_during_commit_is_in_doubt(
+    make_mw: Any,
+    dsn: str,
+    app_name: str,
+    fadmin: kit.Admin,
+    ledger_table: str,
+    commit_waits_on_lock: int,
+) -> None:
+    """The session ends while COMMIT runs: the client cannot know the outcome, and says so.
+
+    (The blackhole variant, the network lost during COMMIT, is in test_faults_network.)
+    """
+    lock = commit_waits_on_lock
+    side = kit.Side()
+    mw = make_mw(kit.ledger_app(ledger_table, side), dsn=dsn)
+    server = kit.PoolServer(mw, workers=1)
+    key = kit.random_key("doubt")(0)
+    fadmin.rows("SELECT pg_advisory_lock(%s)", lock)
+    results: list[kit.Response] = []
+    try:
+        client = threading.Thread(
+            target=lambda: results.append(kit.http(server.port, f"/write?k={key}")), daemon=True
+        )
+        client.start()
+        kit.deadline_wait(lambda: bool(kit.committing(fadmin, app_name)), 10, "COMMIT to wait")
+        (pid,) = kit.committing(fadmin, app_name)
+        fadmin.rows("SELECT pg_terminate_backend(%s)", pid)
+        client.join(30)
+    finally:
+        fadmin.rows("SELECT pg_advisory_unlock(%s)", lock)
+    (resp,) = results
+    print(f"lost during COMMIT: {resp.status} {resp.body!r}")
+    assert resp.status == 500
+    assert kit.IN_DOUBT.encode() in resp.body
+    kit.still_serves(server.port)
+    kit.wind_down(fadmin, app_name, server, mw)

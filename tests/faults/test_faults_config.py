@@ -215,3 +215,64 @@ def test_accepted_values_reach_the_server_intact(
 @given(value=st.one_of(almost_valid, st.floats(min_value=1, allow_infinity=False).map(repr)))
 def test_accepted_pool_timeout_can_be_waited_for(value: str) -> None:
     _check_usable("", "WSGI_PGCONN_POOL_TIMEOUT", value)
+
+
+# -- a stored configuration error, raised again at every request ---------------------------
+
+
+def _misconfigured_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"never reached"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "extra"),
+    [
+        # scope=process on a server that runs requests in several threads
+        ({"scope": "process"}, {}),
+        # a bad value arriving in the request's environ (mod_wsgi SetEnv)
+        ({}, {"WSGI_PGCONN_POOL_SIZE": "many"}),
+    ],
+    ids=["process-scope-multithreaded", "bad-setenv-value"],
+)
+def test_stored_configuration_error_does_not_grow(
+    make_mw: Any, caplog: pytest.LogCaptureFixture, kwargs: dict[str, Any], extra: dict[str, str]
+) -> None:
+    """1,000 requests to a misconfigured middleware: each gets a fresh error of constant size.
+
+    Re-raising the stored exception object would append the frames of every
+    re-raise to its traceback (three per request): the server's error log
+    would grow with every request.
+    """
+    import traceback
+
+    from werkzeug.test import EnvironBuilder
+
+    mw = make_mw(_misconfigured_app, **kwargs)
+    builder = EnvironBuilder(path="/", multithread=True)
+    base = builder.get_environ()
+    builder.close()
+    frames: list[int] = []
+    sizes: list[int] = []
+    messages: set[str] = set()
+    errors: list[BaseException] = []
+    for _ in range(1000):
+        environ = {**base, **extra}
+        try:
+            mw(environ, lambda status, headers, exc_info=None: None)
+        except ConfigurationError as exc:
+            frames.append(len(traceback.extract_tb(exc.__traceback__)))
+            sizes.append(len("".join(traceback.format_exception(exc))))
+            messages.add(str(exc))
+            if len(errors) < 2:
+                errors.append(exc)
+        else:
+            raise AssertionError("a misconfigured middleware served a request")
+    assert len(frames) == 1000
+    assert frames[-1] == frames[0] <= 4, frames[:5]
+    assert sizes[-1] == sizes[0] < 2000, sizes[:5]
+    assert len(messages) == 1
+    assert errors[0] is not errors[1]  # a fresh error per request, not the stored one
+    records = [r for r in caplog.records if r.name == "wsgi_pgconn"]
+    assert 1 <= len(records) <= 2, [r.getMessage()[:100] for r in records]
+    assert all(len(r.getMessage()) < 1000 and r.exc_info is None for r in records)

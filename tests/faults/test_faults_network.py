@@ -22,6 +22,8 @@ import psycopg2.extensions
 import pytest
 from proxy import BlackholeProxy
 
+from wsgi_pgconn.scopes import Registry
+
 pytestmark = pytest.mark.slow
 
 FAST_TCP = {
@@ -87,7 +89,8 @@ def test_blackhole_before_request(
     The idle socket shows nothing (no FIN ever arrives), so the connection is
     used: its first statement is never acknowledged and tcp_user_timeout
     fails it. The next request needs a new connection: its SYNs vanish and
-    connect_timeout answers 503. When the path is back, the thread serves.
+    connect_timeout answers 503. When the path is back, the thread serves (once
+    the connect back-off is over).
     """
     side = kit.Side()
     key = kit.random_key("bh")
@@ -106,7 +109,14 @@ def test_blackhole_before_request(
         first = send(1)
         second = send(2)
         proxy.blackhole(False)
+        # The failed connect started a back-off (at most connect_backoff_max): the
+        # requests in it are answered 503 at once; the first after it connects.
+        back = time.monotonic()
         third = send(3)
+        i = 3
+        while third.status == 503 and time.monotonic() - back < Registry.connect_backoff_max + 1:
+            i += 1
+            third = send(i)
         print(
             f"blackhole: request on the idle connection answered {first.status} after "
             f"{first.elapsed:.2f}s; a new connection {second.status} after {second.elapsed:.2f}s; "
@@ -174,6 +184,56 @@ def test_blackhole_while_waiting_for_an_answer(
         assert after.status == 200
         kit.still_serves(server.port)
         ledger.assert_holds(fadmin.keys(ledger_table))
+        server.close()
+        mw.close()
+    kit.wind_down(fadmin, app_name, None, None)
+
+
+def test_blackhole_during_commit_is_in_doubt(
+    pg: Any,
+    make_mw: Any,
+    dsn: str,
+    app_name: str,
+    fadmin: kit.Admin,
+    ledger_table: str,
+    commit_waits_on_lock: int,
+) -> None:
+    """The path dies while COMMIT runs (it waits on a lock the test holds): outcome unknown.
+
+    COMMIT reached a live session and its answer never came back: the 500
+    must say that whether the work was saved is unknown, never "nothing was
+    saved" (here the server does commit, once the lock is released).
+    """
+    side = kit.Side()
+    key = kit.random_key("bhc")
+    lock = commit_waits_on_lock
+    with BlackholeProxy(_loopback_port(pg)) as proxy:
+        mw = make_mw(kit.ledger_app(ledger_table, side), dsn=_via(dsn, proxy))
+        server = kit.PoolServer(mw, workers=1)
+        assert kit.http(server.port, "/ping").status == 200
+        fadmin.rows("SELECT pg_advisory_lock(%s)", lock)
+        results: list[kit.Response] = []
+        try:
+            client = threading.Thread(
+                target=lambda: results.append(
+                    kit.http(server.port, f"/write?k={key(0)}", timeout=30)
+                ),
+                daemon=True,
+            )
+            client.start()
+            kit.deadline_wait(lambda: bool(kit.committing(fadmin, app_name)), 10, "COMMIT")
+            proxy.blackhole(True)
+        finally:
+            fadmin.rows("SELECT pg_advisory_unlock(%s)", lock)
+        client.join(30)
+        assert not client.is_alive(), "the request hung"
+        (resp,) = results
+        proxy.blackhole(False)
+        rows = fadmin.keys(ledger_table)
+        print(f"blackhole during COMMIT: {resp.status} {resp.body!r}; rows {rows}")
+        assert resp.status == 500
+        assert kit.IN_DOUBT.encode() in resp.body
+        kit.still_serves(server.port)
         server.close()
         mw.close()
     kit.wind_down(fadmin, app_name, None, None)

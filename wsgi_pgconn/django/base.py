@@ -41,7 +41,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.backends.postgresql import base as _postgresql
 from django.db.transaction import TransactionManagementError
 
-from ..drivers import INERROR
+from ..drivers import INERROR, track_cursor
 from ..middleware import CONNECTION_KEY
 from ..transaction import RequestTransaction, _current, publish_context
 from . import session
@@ -383,11 +383,17 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         if name:
             # A server-side cursor that Django makes from its class, not through
             # the connection: begin the request's transaction (and run its
-            # on_begin hook) first, as any other first statement would.
+            # on_begin hook) first, as any other first statement would, and have
+            # the request's COMMIT wait while the cursor is open (a streamed
+            # response may read it after the view returned).
             state = self._state()
             txn = state.txn
             if state.bound and txn is not None:
                 txn._mw.driver.begin(txn.connection)
+                cursor = super().create_cursor(name)
+                if not getattr(cursor, "withhold", False):
+                    track_cursor(txn.connection, cursor)
+                return cursor
         return super().create_cursor(name)
 
     def connect(self) -> None:

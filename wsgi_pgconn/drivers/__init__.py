@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,19 +34,22 @@ from ..errors import DriverNotFound
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from ..errors import PoolTimeout, TransactionManaged
+    from ..errors import ConnectBackoff, PoolTimeout, TransactionManaged
 
 __all__ = [
+    "ACTIVE",
     "DRIVER_NAMES",
     "IDLE",
     "INERROR",
     "INTRANS",
     "Driver",
     "ManagedState",
+    "cursor_open",
     "installed",
     "load",
     "parse_conninfo",
     "resolve",
+    "track_cursor",
 ]
 
 #: The drivers wsgi_pgconn supports (module names), in the order ``auto`` prefers them.
@@ -88,6 +92,37 @@ class ManagedState:
     _wsgi_pgconn_began: int = 0
     #: SQLSTATE of the last failed statement (recorded only when retries are on).
     _wsgi_pgconn_sqlstate: str | None = None
+    #: Weak references to the server-side cursors (without HOLD) declared while a
+    #: request held the connection (see :func:`track_cursor`); None: none.
+    _wsgi_pgconn_cursors: list[weakref.ref[Any]] | None = None
+
+
+def track_cursor(conn: Any, cursor: Any) -> None:
+    """Remember ``cursor``, a server-side cursor without HOLD, of the request's transaction.
+
+    The drivers' cursor classes call it when they declare one, and the Django
+    adapter for the cursors Django makes from its own class. The request's
+    COMMIT, which closes such a cursor, then waits while one is still open (a
+    streamed body may read it). Only for cursors: rare, so not on the path of
+    ordinary statements.
+    """
+    cursors = conn._wsgi_pgconn_cursors
+    if cursors is None:
+        conn._wsgi_pgconn_cursors = [weakref.ref(cursor)]
+    elif cursors[-1]() is not cursor:
+        cursors.append(weakref.ref(cursor))
+
+
+def cursor_open(conn: Any) -> bool:
+    """Whether a cursor remembered by :func:`track_cursor` on ``conn`` is still open.
+
+    Open: not closed and not garbage-collected (both drivers' cursors have ``closed``).
+    """
+    for ref in conn._wsgi_pgconn_cursors or ():
+        cursor = ref()
+        if cursor is not None and not cursor.closed:
+            return True
+    return False
 
 
 class Driver(Protocol):
@@ -101,6 +136,8 @@ class Driver(Protocol):
     def OperationalError(self) -> type[Exception]: ...
     @property
     def PoolTimeout(self) -> type[PoolTimeout]: ...
+    @property
+    def ConnectBackoff(self) -> type[ConnectBackoff]: ...
     @property
     def TransactionManaged(self) -> type[TransactionManaged]: ...
     @property
@@ -141,6 +178,12 @@ class Driver(Protocol):
 
     def drain(self, conn: Any) -> bool:
         """Read what arrived on an idle connection; False if it says the backend is gone."""
+
+    def last_notice(self, conn: Any) -> str | None:
+        """The last notice or asynchronous error the server sent on ``conn``, one line, or None.
+
+        For a session the server ended, its FATAL message (read by :meth:`drain`).
+        """
 
     def begin(self, conn: Any) -> None:
         """Begin the request's transaction now, if a request holds ``conn`` and none is open.
@@ -184,7 +227,11 @@ class Driver(Protocol):
 
     def clear_notices(self, conn: Any) -> None: ...
     def cancel(self, conn: Any) -> None:
-        """Ask the server to cancel the statement running on ``conn`` (a separate connection)."""
+        """Ask the server to cancel the statement running on ``conn`` (a separate connection).
+
+        Raises the driver's Error when the request cannot be sent (psycopg 3:
+        within 5 seconds).
+        """
 
     def close(self, conn: Any) -> None:
         """Close the connection (whatever the guards say); never raises."""

@@ -35,7 +35,7 @@ from psycopg import pq
 
 from .. import errors
 from ..connection import begin_statements
-from . import IDLE, ManagedState
+from . import ACTIVE, IDLE, ManagedState, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -49,6 +49,10 @@ OperationalError = psycopg.OperationalError
 
 class PoolTimeout(errors.PoolTimeout, psycopg.OperationalError):
     __doc__ = errors.PoolTimeout.__doc__
+
+
+class ConnectBackoff(errors.ConnectBackoff, psycopg.OperationalError):
+    __doc__ = errors.ConnectBackoff.__doc__
 
 
 class TransactionManaged(errors.TransactionManaged, psycopg.ProgrammingError):
@@ -109,14 +113,27 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
     finally:
         conn._wsgi_pgconn_own_pipeline = False
         try:
-            with conn.lock:
-                conn.wait(pipeline._sync_gen())
-        except Exception:
+            if error is None or isinstance(error, Exception):
+                with conn.lock:
+                    conn.wait(pipeline._sync_gen())
+        except BaseException as exc:
             if error is None:
+                error = exc
                 raise
         finally:
-            pipeline._exit(error)
-            conn._pipeline = None
+            if conn.pgconn.transaction_status != ACTIVE:
+                pipeline._exit(error)
+                conn._pipeline = None
+            elif isinstance(error, Exception):
+                # A fatal error (the session was terminated) left results that will
+                # never come: the connection is over.
+                conn._pipeline = None
+                _Base.close(conn)
+            else:
+                # An exception raised into the wait (a request timeout) left the
+                # statement running, its result pending: the pipeline cannot be
+                # left. The registry cancels the statement and discards the connection.
+                conn._pipeline = None
 
 
 def _several_statements(conn: ManagedConnection, query: Any) -> bool:
@@ -184,9 +201,14 @@ class _ServerCursor:
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         conn = self._conn
-        if conn._wsgi_pgconn_begin is not None and conn.pgconn.transaction_status == IDLE:
+        if conn._wsgi_pgconn_begin is None:
+            return super().execute(*args, **kwargs)  # type: ignore[misc]
+        if conn.pgconn.transaction_status == IDLE:
             _run_on_begin(conn)
-        return super().execute(*args, **kwargs)  # type: ignore[misc]
+        result = super().execute(*args, **kwargs)  # type: ignore[misc]
+        if not self.withhold:  # type: ignore[attr-defined]
+            track_cursor(conn, self)  # the request's COMMIT waits while it is open
+        return result
 
 
 class _Recording:
@@ -277,6 +299,7 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
     _wsgi_pgconn_own_pipeline = False
     _wsgi_pgconn_recording = False
     _wsgi_pgconn_notices = 0
+    _wsgi_pgconn_last_notice: str | None = None
 
     def _wsgi_pgconn_refuse(self, what: str) -> NoReturn:
         raise TransactionManaged(
@@ -357,10 +380,15 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
     deferrable = _refusing_setter("deferrable")
 
 
-def _count_notice(ref: weakref.ref[ManagedConnection], diagnostic: object) -> None:
+def _count_notice(ref: weakref.ref[ManagedConnection], diagnostic: Any) -> None:
     conn = ref()
     if conn is not None:
         conn._wsgi_pgconn_notices += 1
+        # Read now: a Diagnostic reads its result, which is gone once the connection is.
+        conn._wsgi_pgconn_last_notice = (
+            f"{diagnostic.severity}: {diagnostic.message_primary} "
+            f"(SQLSTATE {diagnostic.sqlstate})"
+        )
 
 
 # -- the seam ------------------------------------------------------------------------------
@@ -443,6 +471,11 @@ def drain(conn: Any) -> bool:
         return False
     alive: bool = conn._wsgi_pgconn_notices == seen and pgconn.status != _BAD
     return alive
+
+
+def last_notice(conn: Any) -> str | None:
+    notice: str | None = getattr(conn, "_wsgi_pgconn_last_notice", None)
+    return notice
 
 
 begin = _begin_now

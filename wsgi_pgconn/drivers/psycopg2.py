@@ -26,6 +26,7 @@ stripped), but the text of a syntax error's ``LINE 1:`` context and
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -36,12 +37,14 @@ from psycopg2 import sql
 
 from .. import errors
 from ..connection import begin_statements
-from . import IDLE, ManagedState
+from . import IDLE, ManagedState, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
 
 __all__ = ["Cursor", "ManagedConnection", "NamedCursor"]
+
+logger = logging.getLogger("wsgi_pgconn")
 
 name = "psycopg2"
 Error = psycopg2.Error
@@ -50,6 +53,10 @@ OperationalError = psycopg2.OperationalError
 
 class PoolTimeout(errors.PoolTimeout, psycopg2.OperationalError):
     __doc__ = errors.PoolTimeout.__doc__
+
+
+class ConnectBackoff(errors.ConnectBackoff, psycopg2.OperationalError):
+    __doc__ = errors.ConnectBackoff.__doc__
 
 
 class TransactionManaged(errors.TransactionManaged, psycopg2.ProgrammingError):
@@ -197,6 +204,7 @@ class NamedCursor(Cursor):
         else:
             _execute(internal, declare)
         self._wsgi_pgconn_declared = declare
+        track_cursor(conn, self)  # the request's COMMIT waits while it is open
         return None
 
     @property
@@ -396,9 +404,56 @@ def make_conninfo(conninfo: str = "", **params: str) -> str:
     return made
 
 
+def _cancelling(wait: Callable[[Any], object]) -> Callable[[Any], object]:
+    """``wait``, the process's wait callback, sending a cancel request when it is interrupted.
+
+    psycopg2 runs a query through the wait callback (psycogreen's under gevent,
+    ``psycopg2.extras.wait_select``) when one is set. An exception raised into
+    it (a gevent.Timeout, a server's request timeout) makes psycopg2 close the
+    connection at once, which leaves the statement running on the server until
+    it ends. Before that, while the connection can still say which backend to
+    cancel, this sends the cancel request.
+    """
+
+    def wait_or_cancel(conn: Any) -> object:
+        try:
+            return wait(conn)
+        except BaseException:
+            if (
+                isinstance(conn, ManagedConnection)
+                and not conn.closed
+                and _status(conn) == ext.TRANSACTION_STATUS_ACTIVE
+            ):
+                _cancel_interrupted(conn)
+            raise
+
+    wait_or_cancel._wsgi_pgconn_cancels = True  # type: ignore[attr-defined]
+    wait_or_cancel.__wrapped__ = wait  # type: ignore[attr-defined]
+    return wait_or_cancel
+
+
+def _cancel_interrupted(conn: ManagedConnection) -> None:
+    pid = conn.info.backend_pid
+    logger.warning(
+        "a request gave up on backend pid %s while a statement was running: cancelling it", pid
+    )
+    try:
+        conn.cancel()
+    except psycopg2.Error as exc:
+        logger.warning("cancelling the statement on backend pid %s failed: %s", pid, exc)
+
+
+def _cancel_when_interrupted() -> None:
+    """Wrap the process's wait callback, if one is set, in :func:`_cancelling` (once)."""
+    wait = ext.get_wait_callback()
+    if wait is not None and not getattr(wait, "_wsgi_pgconn_cancels", False):
+        ext.set_wait_callback(_cancelling(wait))
+
+
 def connect(
     conninfo: str, settings: Settings, configure: Callable[[Any], object] | None
 ) -> ManagedConnection:
+    _cancel_when_interrupted()  # a wait callback may have been set since the last connect
     conn = psycopg2.connect(conninfo, connection_factory=ManagedConnection)
     try:
         _autocommit.__set__(conn, True)
@@ -468,6 +523,11 @@ def drain(conn: Any) -> bool:
     if len(notices) != count or (notices and notices[-1] is not last):
         return False
     return not conn.closed
+
+
+def last_notice(conn: Any) -> str | None:
+    notices = conn.notices
+    return " ".join(notices[-1].split()) if notices else None
 
 
 def begin(conn: Any) -> None:

@@ -30,6 +30,15 @@ wait, a failed COMMIT: every :class:`Stats` counter) and about each checkout
 and checkin. Without an observer nothing of this runs: the registry's own
 ``checkout`` and ``checkin`` are called as they are; with one they are
 replaced, on the instance, by versions that report.
+
+A failed connect starts a **back-off**: for a short, growing, jittered delay
+(:attr:`Registry.connect_backoff_first` doubled per failure, at most
+:attr:`Registry.connect_backoff_max`) no connection is attempted and a request
+that needs one gets :class:`~wsgi_pgconn.errors.ConnectBackoff` at once; after
+it, one request at a time tries again until one succeeds. The first failure of
+a run is logged (ERROR with the fix for a permanent one: a wrong password, a
+missing database or role), the repeats only at DEBUG, with a reminder every
+minute while it lasts.
 """
 
 from __future__ import annotations
@@ -51,8 +60,9 @@ from typing import Any, Protocol
 from .. import connection as _connection
 from .. import green
 from ..config import Settings
-from ..drivers import IDLE, INERROR, INTRANS, Driver
+from ..drivers import ACTIVE, IDLE, INERROR, INTRANS, Driver
 from ..errors import first_line
+from . import _connect
 
 __all__ = [
     "DISCARD_REASONS",
@@ -196,10 +206,10 @@ class Stats:
                 "vetoes",
                 "commit_errors",
                 "retries",
+                "connect_backoffs",
                 "pool_waits",
                 "pool_wait_seconds",
                 "pool_timeouts",
-                "connect_backoffs",
             ),
             0,
         )
@@ -230,6 +240,10 @@ class Registry:
     scope = ""
     #: Told about this registry's events (see set_observer); None: nobody listens.
     observer: Observer | None = None
+    #: Seconds of back-off after the first failed connect of a run (doubled per failure).
+    connect_backoff_first = 0.1
+    #: The longest back-off, in seconds. Each delay is drawn between half and all of its value.
+    connect_backoff_max = 0.5
 
     def __init__(
         self,
@@ -268,8 +282,17 @@ class Registry:
     # -- what subclasses provide ---------------------------------------------
 
     def _init_state(self) -> None:
-        """(Re)create per-process state: called at construction and in a forked child."""
-        raise NotImplementedError
+        """(Re)create per-process state: called at construction and in a forked child.
+
+        Subclasses extend it (and call this first).
+        """
+        #: The connect back-off: consecutive failed connects, no attempt before
+        #: ``_retry_at`` (time.monotonic()), and whether one request is trying now.
+        self._connect_lock = threading.Lock()
+        self._connect_failures = 0
+        self._retry_at = 0.0
+        self._probing = False
+        self._connect_log = _connect.FailureLog()
 
     def checkout(self) -> PooledConnection:
         """A usable connection, reserved for the caller until :meth:`checkin`."""
@@ -368,15 +391,22 @@ class Registry:
         self._retire_below = self._generation
 
     def _open(self) -> PooledConnection:
+        """A new connection; raises the driver's OperationalError or ConnectBackoff."""
         driver = self.driver
         if self._conninfo_pid != os.getpid():  # application_name carries the opener's pid
             self._conninfo = _connection.connect_params(self.settings, os.environ, driver)
             self._conninfo_pid = os.getpid()
+        probing = self._may_connect() if self._connect_failures else False
         try:
             conn = driver.connect(self._conninfo, self.settings, self._configure)
         except driver.OperationalError as exc:
             self.stats_counter.incr("connect_errors")
-            logger.warning("cannot connect to PostgreSQL: %s", first_line(exc))
+            self._connect_failed(exc)
+            raise
+        except BaseException:
+            if probing:
+                with self._connect_lock:
+                    self._probing = False
             raise
         rec = PooledConnection(
             conn,
@@ -386,8 +416,60 @@ class Registry:
             self.settings.max_age,
         )
         self.stats_counter.incr("opened")
+        if probing:  # not an attempt that began before the failures: those prove little
+            self._connected()
         logger.debug("opened connection, backend pid %s", rec.backend_pid)
         return rec
+
+    # -- the connect back-off (rare paths: only after a failed connect) ------------
+
+    def _backoff_left(self) -> float:
+        """Seconds until a connect may be tried (0: now); an estimate, without the lock."""
+        if not self._connect_failures:
+            return 0.0
+        left = self._retry_at - time.monotonic()
+        if left <= 0 and self._probing:
+            return self.connect_backoff_first / 2  # one request is trying: look again soon
+        return max(left, 0.0)
+
+    def _may_connect(self) -> bool:
+        """After failed connects: let this request try (True), or raise ConnectBackoff."""
+        with self._connect_lock:
+            failures = self._connect_failures
+            if not failures:
+                return False
+            left = self._retry_at - time.monotonic()
+            if left <= 0 and not self._probing:
+                self._probing = True
+                return True
+            self._connect_log.backed_off()
+            why = (
+                "another request is trying to connect now"
+                if left <= 0
+                else f"the next attempt is in {left:.2f}s"
+            )
+        raise self.driver.ConnectBackoff(
+            f"not connecting to PostgreSQL: {failures} attempt(s) in a row failed, the last "
+            f"with: {self._connect_log.last}; {why}"
+        )
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        with self._connect_lock:
+            self._probing = False
+            self._connect_failures += 1
+            failures = self._connect_failures
+            step = self.connect_backoff_first * 2 ** min(failures - 1, 16)
+            delay = min(self.connect_backoff_max, step) * (0.5 + 0.5 * random.random())  # noqa: S311
+            self._retry_at = time.monotonic() + delay
+            record = self._connect_log.failed(exc, self.settings, os.environ)
+        logger.log(record[0], "%s", record[1])
+
+    def _connected(self) -> None:
+        with self._connect_lock:
+            failures, self._connect_failures = self._connect_failures, 0
+            self._probing = False
+            record = self._connect_log.recovered(failures)
+        logger.log(record[0], "%s", record[1])
 
     def _ready(self, rec: PooledConnection) -> bool:
         """The checks of :meth:`_unusable` that pass for a healthy connection, inlined.
@@ -460,6 +542,8 @@ class Registry:
         status = self._status(conn)
         try:
             if status != IDLE:
+                if status == ACTIVE:
+                    self._cancel_abandoned(rec)
                 if status not in (INTRANS, INERROR):
                     return "broken"
                 logger.warning(
@@ -481,6 +565,27 @@ class Registry:
         if self._timed:
             rec.last_used = time.monotonic()
         return None
+
+    def _cancel_abandoned(self, rec: PooledConnection) -> None:
+        """A statement still runs on ``rec``, whose request gave up on it: cancel it.
+
+        An exception raised into the wait for its result (a gevent.Timeout, a
+        server's request timeout) left the connection busy; closing it alone
+        would leave the statement running on the server, holding its locks,
+        until it ends. The cancel request goes over a connection of its own.
+        """
+        logger.warning(
+            "a request gave up on backend pid %s while a statement was running: cancelling it",
+            rec.backend_pid,
+        )
+        try:
+            self.driver.cancel(rec.conn)
+        except Exception as exc:  # the connection is discarded anyway
+            logger.warning(
+                "cancelling the statement on backend pid %s failed: %s",
+                rec.backend_pid,
+                first_line(exc),
+            )
 
     def _close_quietly(self, rec: PooledConnection) -> None:
         if rec.pid != os.getpid() and not _opened_by_uwsgi_master(rec):

@@ -20,6 +20,7 @@ class ProcessRegistry(Registry):
     scope = "process"
 
     def _init_state(self) -> None:
+        super()._init_state()
         self._lock = threading.Lock()
         self._rec: PooledConnection | None = None
 

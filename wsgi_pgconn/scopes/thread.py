@@ -33,6 +33,7 @@ class ThreadRegistry(Registry):
     server = "this server"
 
     def _init_state(self) -> None:
+        super()._init_state()
         self._local = threading.local()
         self._lock = threading.Lock()
         # Every connection, and the slot (weakly: it must die with its thread) holding it.

@@ -17,6 +17,7 @@ urlpatterns = [
     path("orm-async/<str:key>", views.orm_async),
     path("async/<str:key>", views.async_view),
     path("stream/<str:key>", views.stream),
+    path("stream-items/<str:key>", views.stream_items),
     path("aliases/<str:key>", views.aliases),
     path("count/<str:key>", views.count),
     path("reenter/<str:key>", views.reenter),

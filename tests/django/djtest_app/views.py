@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from itertools import chain
 from typing import Any
 
 import psycopg2
@@ -348,6 +349,20 @@ def stream(request: HttpRequest, key: str) -> HttpResponse:
 
     Item.objects.create(key=key + "-view")
     return StreamingHttpResponse(body(), content_type="text/plain")
+
+
+def stream_items(request: HttpRequest, key: str) -> HttpResponse:
+    """The items whose key starts with ``key``, streamed from a server-side cursor.
+
+    The iterator's first chunk is read in the view; the rest while the body is
+    sent, from the cursor the request's transaction must keep open.
+    """
+    Item.objects.create(key=key + "-view")
+    it = Item.objects.filter(key__startswith=key).order_by("id").iterator(chunk_size=2)
+    first = next(it)
+    return StreamingHttpResponse(
+        (f"{item.key}\n".encode() for item in chain([first], it)), content_type="text/plain"
+    )
 
 
 def count(request: HttpRequest, key: str) -> HttpResponse:
