@@ -121,14 +121,16 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
                 error = exc
                 raise
         finally:
-            if conn.pgconn.transaction_status != ACTIVE:
-                pipeline._exit(error)
-                conn._pipeline = None
-            elif isinstance(error, Exception):
+            if isinstance(error, Exception) and conn.pgconn.status == pq.ConnStatus.BAD:
                 # A fatal error (the session was terminated) left results that will
                 # never come: the connection is over.
                 conn._pipeline = None
                 _Base.close(conn)
+            elif error is None or isinstance(error, Exception) or (
+                conn.pgconn.transaction_status != ACTIVE
+            ):
+                pipeline._exit(error)
+                conn._pipeline = None
             else:
                 # An exception raised into the wait (a request timeout) left the
                 # statement running, its result pending: the pipeline cannot be
