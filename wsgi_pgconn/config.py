@@ -80,6 +80,7 @@ NOT_SETTINGS: frozenset[str] = frozenset(
         "WSGI_PGCONN_BENCH_POOL_SIZE",
         "WSGI_PGCONN_BENCH_SCOPE",
         "WSGI_PGCONN_BENCH_FSA",
+        "WSGI_PGCONN_BENCH_GREEN",
     }
 )
 

@@ -27,7 +27,7 @@ import operator
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import psycopg
@@ -115,7 +115,11 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
         try:
             if error is None or isinstance(error, Exception):
                 with conn.lock:
-                    conn.wait(pipeline._sync_gen())
+                    try:
+                        conn.wait(pipeline._sync_gen())
+                    finally:
+                        if pipeline.result_queue:
+                            _read_to_sync(conn, pipeline)
         except BaseException as exc:
             if error is None:
                 error = exc
@@ -136,6 +140,21 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
                 # statement running, its result pending: the pipeline cannot be
                 # left. The registry cancels the statement and discards the connection.
                 conn._pipeline = None
+
+
+def _read_to_sync(conn: ManagedConnection, pipeline: psycopg.Pipeline) -> None:
+    """Read the results the Sync left unread (with the lock held); errors are ignored.
+
+    When a statement's error is read before the answer to the Sync, psycopg
+    may stop at the end of that statement's results and leave the Sync's
+    unread: the connection would look busy and be discarded. The first error
+    is raised already; what follows it is the aborted rest and the Sync.
+    """
+    for _ in range(4):  # one result set per call; the queue holds at most BEGIN, statement, Sync
+        if not pipeline.result_queue or conn.pgconn.status == pq.ConnStatus.BAD:
+            return
+        with suppress(psycopg.Error):
+            conn.wait(pipeline._fetch_gen(flush=False))
 
 
 def _several_statements(conn: ManagedConnection, query: Any) -> bool:
