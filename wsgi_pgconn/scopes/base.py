@@ -292,6 +292,7 @@ class Registry:
         self._connect_failures = 0
         self._retry_at = 0.0
         self._probing = False
+        self._recovered_at = 0.0  # time.monotonic() when the last back-off ended
         self._connect_log = _connect.FailureLog()
 
     def checkout(self) -> PooledConnection:
@@ -397,11 +398,12 @@ class Registry:
             self._conninfo = _connection.connect_params(self.settings, os.environ, driver)
             self._conninfo_pid = os.getpid()
         probing = self._may_connect() if self._connect_failures else False
+        started = time.monotonic()
         try:
             conn = driver.connect(self._conninfo, self.settings, self._configure)
         except driver.OperationalError as exc:
             self.stats_counter.incr("connect_errors")
-            self._connect_failed(exc)
+            self._connect_failed(exc, probing, started)
             raise
         except BaseException:
             if probing:
@@ -453,14 +455,24 @@ class Registry:
             f"with: {self._connect_log.last}; {why}"
         )
 
-    def _connect_failed(self, exc: BaseException) -> None:
+    def _connect_failed(self, exc: BaseException, probing: bool, started: float) -> None:
+        """A connect that began at ``started`` (time.monotonic()) failed: back off.
+
+        Not when a back-off ended after it began (a connect tried after the
+        back-off succeeded: a failover or a restart is over, and this attempt
+        went to the old server); backing off again would answer 503 after the
+        switch. Attempts that fail together with others that succeed (a full
+        server) do count.
+        """
         with self._connect_lock:
-            self._probing = False
-            self._connect_failures += 1
-            failures = self._connect_failures
-            step = self.connect_backoff_first * 2 ** min(failures - 1, 16)
-            delay = min(self.connect_backoff_max, step) * (0.5 + 0.5 * random.random())  # noqa: S311
-            self._retry_at = time.monotonic() + delay
+            if probing:
+                self._probing = False
+            if started >= self._recovered_at:
+                self._connect_failures += 1
+                failures = self._connect_failures
+                step = self.connect_backoff_first * 2 ** min(failures - 1, 16)
+                delay = min(self.connect_backoff_max, step) * (0.5 + 0.5 * random.random())  # noqa: S311
+                self._retry_at = time.monotonic() + delay
             record = self._connect_log.failed(exc, self.settings, os.environ)
         logger.log(record[0], "%s", record[1])
 
@@ -468,6 +480,7 @@ class Registry:
         with self._connect_lock:
             failures, self._connect_failures = self._connect_failures, 0
             self._probing = False
+            self._recovered_at = time.monotonic()
             record = self._connect_log.recovered(failures)
         logger.log(record[0], "%s", record[1])
 
