@@ -160,6 +160,17 @@ def test_no_room_for_a_deploy_is_a_warning(
     assert line(result.stdout, "verdict") == verdict
 
 
+def test_process_scope_with_threads_fails(pg: Any, test_db: str) -> None:
+    """The middleware refuses scope=process on a multithreaded server: so does the check."""
+    env = check_env(DATABASE_URL=pg.url(dbname=test_db), WSGI_PGCONN_SCOPE="process")
+    result = run_check("--threads", "4", env=env)
+    assert result.returncode == 1, result.stdout
+    assert "FAIL: scope process with 4 threads per process" in result.stdout
+    assert "set WSGI_PGCONN_SCOPE=thread (or pool)" in result.stdout
+    assert line(result.stdout, "assumed").endswith(": give --processes")
+    assert run_check("--threads", "1", "--processes", "2", env=env).returncode == 0
+
+
 def test_processes_from_web_concurrency(pg: Any, test_db: str) -> None:
     env = check_env(DATABASE_URL=pg.url(dbname=test_db), WEB_CONCURRENCY="3")
     result = run_check("--threads", "2", env=env)

@@ -451,7 +451,15 @@ def _sizing(
         f"scope {settings.scope}: {why}",
     )
     if assumed:
-        report.line("assumed", ", ".join(assumed) + ": give --processes and --threads")
+        missing = " and ".join(
+            f"--{name}" for name in ("processes", "threads") if getattr(args, name) is None
+        )
+        report.line("assumed", ", ".join(assumed) + f": give {missing}")
+    if settings.scope == "process" and threads > 1:
+        report.fail(
+            f"scope process with {threads} threads per process: the middleware refuses it (every "
+            "request would answer 500): set WSGI_PGCONN_SCOPE=thread (or pool)"
+        )
     if settings.scope == "pool" and args.threads is not None and settings.pool_size > threads:
         report.line(
             "note", f"pool_size {settings.pool_size} > {threads} threads: at most {threads} used"

@@ -457,7 +457,7 @@ class PgConnMiddleware:
             self._abort(txn, result, retry=True)
             return _RETRY
         if error is not None:
-            logger.error("COMMIT failed, answering 500 instead of %r: %s", txn.status, error)
+            logger.error("not committed, answering 500 instead of %r: %s", txn.status, error)
             # In doubt only if COMMIT reached a live session and the answer was lost
             # (25P03: the idle-in-transaction timeout ended the session before it).
             in_doubt = (

@@ -293,6 +293,14 @@ def _bad_dsn(kind: str, pg: Any, test_db: str, app_name: str) -> tuple[str, list
         name = "no_such_db_" + uuid.uuid4().hex[:6]
         dsn = pg.dsn(dbname=name, application_name=app_name)
         return dsn, [f'check DATABASE_URL: database "{name}" does not exist', "SQLSTATE 3D000"]
+    if kind == "bad-port-value":
+        password = "pw-" + secrets.token_hex(8)
+        kit.SECRETS.add(password)
+        dsn = f"postgresql://{pg.user}:{password}@127.0.0.1:notaport/{test_db}"
+        return dsn, ['check DATABASE_URL: ', '"notaport"', "check the parameter's value"]
+    if kind == "bad-sslmode":
+        dsn = pg.dsn(dbname=test_db, sslmode="bogus", application_name=app_name)
+        return dsn, ["check DATABASE_URL: ", 'sslmode value: "bogus"', "check sslmode"]
     assert kind == "unknown-role"
     user = "no_such_role_" + uuid.uuid4().hex[:6]
     # Over the unix socket (trust) the server says that the role does not exist;
@@ -312,7 +320,9 @@ def _until_attempts(mw: Any, attempts: int) -> list[int]:
     return codes
 
 
-@pytest.mark.parametrize("kind", ["wrong-password", "missing-database", "unknown-role"])
+@pytest.mark.parametrize(
+    "kind", ["wrong-password", "missing-database", "unknown-role", "bad-port-value", "bad-sslmode"]
+)
 def test_permanent_connect_error_logged_once_with_the_fix(
     kind: str, pg: Any, test_db: str, app_name: str, make_mw: Any, caplog: Any
 ) -> None:

@@ -34,7 +34,7 @@ __all__ = ["REMIND_EVERY", "FailureLog", "permanent_failure"]
 REMIND_EVERY = 60.0
 
 # (text in the server's message, SQLSTATE, what to check), first match wins.
-_PERMANENT = (
+_PERMANENT: tuple[tuple[str, str | None, str], ...] = (
     ("password authentication failed", "28P01", "the user name and password"),
     ("no password supplied", "28P01", "the password (the server asks for one)"),
     ("authentication failed for user", "28000", "the user name and pg_hba.conf"),
@@ -43,6 +43,12 @@ _PERMANENT = (
     ('database "', "3D000", "the database name"),  # 'database "x" does not exist'
     ('role "', "28000", "the user name"),  # 'role "x" does not exist'
     ("permission denied for database", "42501", "the role's CONNECT privilege"),
+    # libpq's own refusals of a parameter's value (no server involved, no SQLSTATE).
+    ("for connection option", None, "the parameter's value"),  # invalid integer value ...
+    ("invalid connection option", None, "the parameter names"),
+    ("invalid sslmode value", None, "sslmode"),
+    ("invalid port number", None, "the port"),
+    ("invalid target_session_attrs value", None, "target_session_attrs"),
 )
 
 
@@ -70,7 +76,8 @@ def permanent_failure(message: str, settings: Settings, environ: Mapping[str, st
     for needle, sqlstate, what in _PERMANENT:
         if needle in text and (not needle.endswith('"') or "does not exist" in text):
             where = "DATABASE_URL" if settings.dsn else "the PG* variables"
-            return f"check {where}: {text} (SQLSTATE {sqlstate}; check {what})"
+            code = f"SQLSTATE {sqlstate}; " if sqlstate else ""
+            return f"check {where}: {text} ({code}check {what})"
     return None
 
 
