@@ -117,9 +117,12 @@ def _pipelined(conn: ManagedConnection, run: Callable[[], object]) -> None:
                 with conn.lock:
                     try:
                         conn.wait(pipeline._sync_gen())
-                    finally:
+                    except psycopg.Error:
+                        # Not after an exception raised into the wait (a request
+                        # timeout): the statement is still running.
                         if pipeline.result_queue:
                             _read_to_sync(conn, pipeline)
+                        raise
         except BaseException as exc:
             if error is None:
                 error = exc
