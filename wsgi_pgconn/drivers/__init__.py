@@ -48,6 +48,8 @@ __all__ = [
     "installed",
     "load",
     "parse_conninfo",
+    "refusing",
+    "refusing_setter",
     "resolve",
     "track_cursor",
 ]
@@ -95,6 +97,36 @@ class ManagedState:
     #: Weak references to the server-side cursors (without HOLD) declared while a
     #: request held the connection (see :func:`track_cursor`); None: none.
     _wsgi_pgconn_cursors: list[weakref.ref[Any]] | None = None
+
+
+def refusing(base: type[Any], method: str) -> Any:
+    """``base.method`` for a managed connection class: refused while a request holds it.
+
+    The connection's ``_wsgi_pgconn_refuse(what)`` raises the driver's
+    TransactionManaged; between requests the base method runs as usual.
+    """
+    original = getattr(base, method)
+
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._wsgi_pgconn_begin is not None:
+            self._wsgi_pgconn_refuse(f"{method}()")
+        return original(self, *args, **kwargs)
+
+    guarded.__name__ = method
+    guarded.__doc__ = original.__doc__
+    return guarded
+
+
+def refusing_setter(base: type[Any], attribute: str) -> Any:
+    """The property ``base.attribute``, its setting refused while a request holds the connection."""
+    original = getattr(base, attribute)
+
+    def set_value(self: Any, value: Any) -> None:
+        if self._wsgi_pgconn_begin is not None:
+            self._wsgi_pgconn_refuse(f"setting {attribute}")
+        original.__set__(self, value)
+
+    return property(original.__get__, set_value, doc=original.__doc__)
 
 
 def track_cursor(conn: Any, cursor: Any) -> None:

@@ -35,7 +35,7 @@ from psycopg import pq
 
 from .. import errors
 from ..connection import begin_statements
-from . import ACTIVE, IDLE, ManagedState, track_cursor
+from . import ACTIVE, IDLE, ManagedState, refusing, refusing_setter, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -285,30 +285,6 @@ def managed_class(factory: Any, *, recording: bool) -> Any:
 # -- the connection ------------------------------------------------------------------------
 
 
-def _refusing(method: str) -> Any:
-    base = getattr(_Base, method)
-
-    def guarded(self: ManagedConnection, *args: Any, **kwargs: Any) -> Any:
-        if self._wsgi_pgconn_begin is not None:
-            self._wsgi_pgconn_refuse(f"{method}()")
-        return base(self, *args, **kwargs)
-
-    guarded.__name__ = method
-    guarded.__doc__ = base.__doc__
-    return guarded
-
-
-def _refusing_setter(attribute: str) -> Any:
-    base = getattr(_Base, attribute)
-
-    def set_value(self: ManagedConnection, value: Any) -> None:
-        if self._wsgi_pgconn_begin is not None:
-            self._wsgi_pgconn_refuse(f"setting {attribute}")
-        base.__set__(self, value)
-
-    return property(base.__get__, set_value, doc=base.__doc__)
-
-
 class ManagedConnection(ManagedState, psycopg.Connection[Any]):
     """A psycopg connection whose transaction belongs to the middleware during a request.
 
@@ -391,17 +367,17 @@ class ManagedConnection(ManagedState, psycopg.Connection[Any]):
             self._wsgi_pgconn_refuse("'with connection:'")
         return super().__enter__()
 
-    commit = _refusing("commit")
-    rollback = _refusing("rollback")
-    close = _refusing("close")
-    set_autocommit = _refusing("set_autocommit")
-    set_isolation_level = _refusing("set_isolation_level")
-    set_read_only = _refusing("set_read_only")
-    set_deferrable = _refusing("set_deferrable")
-    tpc_begin = _refusing("tpc_begin")
-    isolation_level = _refusing_setter("isolation_level")
-    read_only = _refusing_setter("read_only")
-    deferrable = _refusing_setter("deferrable")
+    commit = refusing(_Base, "commit")
+    rollback = refusing(_Base, "rollback")
+    close = refusing(_Base, "close")
+    set_autocommit = refusing(_Base, "set_autocommit")
+    set_isolation_level = refusing(_Base, "set_isolation_level")
+    set_read_only = refusing(_Base, "set_read_only")
+    set_deferrable = refusing(_Base, "set_deferrable")
+    tpc_begin = refusing(_Base, "tpc_begin")
+    isolation_level = refusing_setter(_Base, "isolation_level")
+    read_only = refusing_setter(_Base, "read_only")
+    deferrable = refusing_setter(_Base, "deferrable")
 
 
 def _count_notice(ref: weakref.ref[ManagedConnection], diagnostic: Any) -> None:

@@ -37,7 +37,7 @@ from psycopg2 import sql
 
 from .. import errors
 from ..connection import begin_statements
-from . import IDLE, ManagedState, track_cursor
+from . import IDLE, ManagedState, refusing, refusing_setter, track_cursor
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -275,30 +275,6 @@ def managed_class(factory: Any, *, named: bool, recording: bool) -> Any:
 # -- the connection --------------------------------------------------------------------
 
 
-def _refusing(method: str) -> Any:
-    base = getattr(_base, method)
-
-    def guarded(self: ManagedConnection, *args: Any, **kwargs: Any) -> Any:
-        if self._wsgi_pgconn_begin is not None:
-            self._wsgi_pgconn_refuse(f"{method}()")
-        return base(self, *args, **kwargs)
-
-    guarded.__name__ = method
-    guarded.__doc__ = base.__doc__
-    return guarded
-
-
-def _refusing_setter(attribute: str) -> Any:
-    base = getattr(_base, attribute)
-
-    def set_value(self: ManagedConnection, value: Any) -> None:
-        if self._wsgi_pgconn_begin is not None:
-            self._wsgi_pgconn_refuse(f"setting {attribute}")
-        base.__set__(self, value)
-
-    return property(base.__get__, set_value, doc=base.__doc__)
-
-
 class ManagedConnection(ManagedState, ext.connection):
     """A psycopg2 connection whose transaction belongs to the middleware during a request.
 
@@ -378,17 +354,17 @@ class ManagedConnection(ManagedState, ext.connection):
         return _base.__enter__(self)
 
     # Ending or reconfiguring the transaction: refused while a request holds it.
-    commit = _refusing("commit")
-    rollback = _refusing("rollback")
-    close = _refusing("close")
-    reset = _refusing("reset")
-    set_session = _refusing("set_session")
-    set_isolation_level = _refusing("set_isolation_level")
-    set_client_encoding = _refusing("set_client_encoding")
-    tpc_begin = _refusing("tpc_begin")
-    isolation_level = _refusing_setter("isolation_level")
-    readonly = _refusing_setter("readonly")
-    deferrable = _refusing_setter("deferrable")
+    commit = refusing(_base, "commit")
+    rollback = refusing(_base, "rollback")
+    close = refusing(_base, "close")
+    reset = refusing(_base, "reset")
+    set_session = refusing(_base, "set_session")
+    set_isolation_level = refusing(_base, "set_isolation_level")
+    set_client_encoding = refusing(_base, "set_client_encoding")
+    tpc_begin = refusing(_base, "tpc_begin")
+    isolation_level = refusing_setter(_base, "isolation_level")
+    readonly = refusing_setter(_base, "readonly")
+    deferrable = refusing_setter(_base, "deferrable")
 
 
 # -- the seam ---------------------------------------------------------------------------
