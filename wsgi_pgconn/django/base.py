@@ -243,6 +243,25 @@ class _NeedsRollbackField(_Field):
             txn.set_rollback_only()
 
 
+def pool_refusal(alias: str) -> tuple[str, str]:
+    """Why ``OPTIONS["pool"]`` on ``alias`` is refused, and the settings to use instead.
+
+    Raised by :meth:`DatabaseWrapper.get_connection_params` and reported by
+    the system check wsgi_pgconn.E001.
+    """
+    problem = (
+        f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own connection pool, "
+        "which would fight wsgi_pgconn's: with ENGINE 'wsgi_pgconn.django' the middleware "
+        "keeps the connections."
+    )
+    fix = (
+        "Remove 'pool' and set WSGI_PGCONN_SCOPE=pool instead, with "
+        + ", ".join(f"{var} for {key!r}" for key, var in POOL_EQUIVALENTS.items())
+        + "."
+    )
+    return problem, fix
+
+
 class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
     """Django's postgresql DatabaseWrapper that joins the request's connection and transaction."""
 
@@ -366,14 +385,8 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):  # type: ignore[misc]
         get to say the same.
         """
         if self.settings_dict.get("OPTIONS", {}).get("pool"):
-            raise ImproperlyConfigured(
-                f"DATABASES[{self.alias!r}]['OPTIONS']['pool'] turns on Django's own "
-                "connection pool, which would fight wsgi_pgconn's: with ENGINE "
-                "'wsgi_pgconn.django' the middleware keeps the connections. Remove 'pool' and "
-                "set WSGI_PGCONN_SCOPE=pool instead, with "
-                + ", ".join(f"{var} for {key!r}" for key, var in POOL_EQUIVALENTS.items())
-                + " (see the Django page of the docs)"
-            )
+            problem, fix = pool_refusal(self.alias)
+            raise ImproperlyConfigured(f"{problem} {fix} (see the Django page of the docs)")
         params: dict[str, Any] = super().get_connection_params()
         return params
 

@@ -33,7 +33,7 @@ from django.core import checks
 from django.utils.module_loading import import_string
 
 from ..middleware import PgConnMiddleware
-from .base import POOL_EQUIVALENTS
+from .base import pool_refusal
 
 __all__ = ["ENGINE", "TAG", "check_database_settings", "check_wsgi_application"]
 
@@ -58,14 +58,11 @@ def check_database_settings(app_configs: Any = None, **kwargs: Any) -> list[chec
         entry = settings.DATABASES[alias]
         where = f"DATABASES[{alias!r}]"
         if (entry.get("OPTIONS") or {}).get("pool"):
+            problem, fix = pool_refusal(alias)
             messages.append(
                 checks.Error(
-                    f"{where}['OPTIONS']['pool'] turns on Django's own connection pool, which "
-                    "would fight wsgi_pgconn's: with ENGINE 'wsgi_pgconn.django' the middleware "
-                    "keeps the connections (the database wrapper refuses to be built).",
-                    hint="Remove 'pool' and set WSGI_PGCONN_SCOPE=pool instead, with "
-                    + ", ".join(f"{var} for {key!r}" for key, var in POOL_EQUIVALENTS.items())
-                    + ".",
+                    problem + " No connection can be opened for it.",
+                    hint=fix,
                     obj=where,
                     id="wsgi_pgconn.E001",
                 )

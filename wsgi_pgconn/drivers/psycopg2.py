@@ -25,7 +25,6 @@ stripped), but the text of a syntax error's ``LINE 1:`` context and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -290,7 +289,6 @@ class ManagedConnection(ManagedState, ext.connection):
     _wsgi_pgconn_bprefix = b""
     _wsgi_pgconn_recording = False
     _wsgi_pgconn_internal: Any = None
-    _wsgi_pgconn_notices_seen = 0
 
     def _wsgi_pgconn_refuse(self, what: str) -> NoReturn:
         raise TransactionManaged(
@@ -395,11 +393,7 @@ def _cancelling(wait: Callable[[Any], object]) -> Callable[[Any], object]:
         try:
             return wait(conn)
         except BaseException:
-            if (
-                isinstance(conn, ManagedConnection)
-                and not conn.closed
-                and _status(conn) == ext.TRANSACTION_STATUS_ACTIVE
-            ):
+            if not conn.closed and _status(conn) == ext.TRANSACTION_STATUS_ACTIVE:
                 _cancel_interrupted(conn)
             raise
 
@@ -408,15 +402,17 @@ def _cancelling(wait: Callable[[Any], object]) -> Callable[[Any], object]:
     return wait_or_cancel
 
 
-def _cancel_interrupted(conn: ManagedConnection) -> None:
+def _cancel_interrupted(conn: Any) -> None:
     pid = conn.info.backend_pid
     logger.warning(
-        "a request gave up on backend pid %s while a statement was running: cancelling it", pid
+        "the wait for a statement on backend pid %s was interrupted: cancelling it", pid
     )
     try:
         conn.cancel()
     except psycopg2.Error as exc:
-        logger.warning("cancelling the statement on backend pid %s failed: %s", pid, exc)
+        logger.warning(
+            "cancelling the statement on backend pid %s failed: %s", pid, errors.first_line(exc)
+        )
 
 
 def _cancel_when_interrupted() -> None:
@@ -604,14 +600,8 @@ def install_gevent_wait() -> None:
     ext.set_wait_callback(gevent_wait)
 
 
-def gevent_wait(conn: Any, timeout: float | None = None) -> None:
-    """psycopg2's wait callback under gevent; cancels the statement when the wait is abandoned.
-
-    An exception raised into the waiting greenlet (``gevent.Timeout``,
-    ``GreenletExit`` from ``kill()``) ends the wait; psycopg2 then closes the
-    connection, which would leave the statement running on the server until
-    it next writes to the socket. So the server is first asked to cancel it.
-    """
+def _gevent_poll(conn: Any) -> None:
+    """Wait for ``conn`` through gevent's loop until psycopg2 says it is done."""
     from gevent.socket import (  # type: ignore[import-untyped, import-not-found, unused-ignore]
         wait_read,
         wait_write,
@@ -621,15 +611,17 @@ def gevent_wait(conn: Any, timeout: float | None = None) -> None:
         state = conn.poll()
         if state == ext.POLL_OK:
             return
-        try:
-            if state == ext.POLL_READ:
-                wait_read(conn.fileno(), timeout=timeout)
-            elif state == ext.POLL_WRITE:
-                wait_write(conn.fileno(), timeout=timeout)
-            else:
-                raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
-        except BaseException:
-            if not conn.closed:
-                with contextlib.suppress(Exception):  # it is closed next anyway
-                    conn.cancel()
-            raise
+        if state == ext.POLL_READ:
+            wait_read(conn.fileno())
+        elif state == ext.POLL_WRITE:
+            wait_write(conn.fileno())
+        else:
+            raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
+
+
+#: psycopg2's wait callback under gevent; cancels the statement when the wait is abandoned.
+#: An exception raised into the waiting greenlet (``gevent.Timeout``, ``GreenletExit`` from
+#: ``kill()``) ends the wait; psycopg2 then closes the connection, which would leave the
+#: statement running on the server. So the server is first asked to cancel it
+#: (:func:`_cancelling`, the same wrapper any other wait callback gets).
+gevent_wait = _cancelling(_gevent_poll)

@@ -563,7 +563,7 @@ class Registry:
                     "rolling back a transaction left open on backend pid %s", rec.backend_pid
                 )
                 driver.rollback(conn)
-            if used and self.settings.reset == "discard":
+            if used and self._discard_used:
                 driver.execute_outside_transaction(conn, [("DISCARD ALL", None)])
                 driver.setup(conn, self.settings, self._configure)
         except driver.Error as exc:

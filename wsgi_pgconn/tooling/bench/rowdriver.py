@@ -26,8 +26,6 @@ from wsgi_pgconn import drivers
 
 #: What a process running on the key's driver must not import.
 OTHERS = {"psycopg2": ("psycopg", "psycopg_pool"), "psycopg": ("psycopg2",)}
-#: Short names of the drivers, as the rows' names spell them.
-SUFFIX = {"psycopg2": "pg2", "psycopg": "pg3"}
 
 
 class DriverMixed(RuntimeError):

@@ -39,7 +39,6 @@ class Variant:
         return f"{self.server}-handheld-{suffix}" if self.server else f"handheld-{suffix}"
 
 
-APPS = "wsgi_pgconn.tooling.bench.apps"
 DJANGO = "wsgi_pgconn.tooling.bench.django_app"
 FSA = "wsgi_pgconn.tooling.bench.fsa_app"
 HANDHELD_PG2 = "handheld-pg2"
