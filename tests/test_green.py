@@ -277,7 +277,22 @@ out["after_kill"] = time.monotonic() - start
 if order == "callback":
     # A query abandoned by its greenlet is cancelled on the server.
     slow = gevent.spawn(call, mw, "3")
-    gevent.sleep(0.3)
+    import psycopg2
+    watch = psycopg2.connect(dsn)
+    watch.autocommit = True
+    deadline = time.monotonic() + 5
+    running = 0
+    while not running and time.monotonic() < deadline:  # until the server runs it
+        gevent.sleep(0.01)
+        with watch.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                " AND query LIKE '%pg_sleep(%' AND pid <> pg_backend_pid()"
+                " AND application_name = current_setting('application_name')"
+            )
+            running = cur.fetchone()[0]
+    watch.close()
+    out["was_running"] = running
     slow.kill(block=True, timeout=5)
     out["killed"] = True
 out["warnings"] = warnings
@@ -332,7 +347,9 @@ def test_gevent_pool_and_liveness(dsn):
 @pytest.mark.skipif(not dbapi.PSYCOPG2, reason="psycopg2's wait callback")
 def test_gevent_cancels_an_abandoned_query(dsn, admin, app_name):
     """A greenlet killed during a query: the query is cancelled on the server, not left running."""
-    run_gevent(dsn, "callback")
+    out = run_gevent(dsn, "callback")
+    assert out["was_running"] == 1, out  # killed while the server ran it
+    assert out["killed"], out
     # The killed request's pg_sleep(3) began less than a second ago: cancelled, it is gone.
 
     def sleeping() -> int:

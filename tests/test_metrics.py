@@ -21,6 +21,7 @@ from test_core_helpers import (  # noqa: F401 - the *_fixture names are pytest f
     clean_env_fixture,
     deadline_poll,
     get_connection,
+    log_records,
     query,
     stack,
     threads_fixture,
@@ -74,7 +75,8 @@ def metrics() -> Iterator[tuple[prometheus.PrometheusObserver, CollectorRegistry
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     found = registry.get_sample_value(name, labels)
-    return 0.0 if found is None else found
+    assert found is not None, f"no sample {name}{labels}"
+    return found
 
 
 # -- stats() ------------------------------------------------------------------------------------
@@ -136,14 +138,18 @@ def test_a_failing_observer_is_logged_and_ignored(make_mw: Any) -> None:
     outer, mw = stack(make_mw, App())
     base.set_observer(Failing())  # type: ignore[arg-type]
     try:
-        assert [call(outer, p).status for p in ("/", "/fail", "/")] == [
-            "200 OK",
-            "500 Internal Server Error",
-            "200 OK",
-        ]
+        with log_records() as records:
+            assert [call(outer, p).status for p in ("/", "/fail", "/")] == [
+                "200 OK",
+                "500 Internal Server Error",
+                "200 OK",
+            ]
     finally:
         base.set_observer(None)
     assert (mw.stats()["commits"], mw.stats()["rollbacks"]) == (2, 1)
+    failed = [r.getMessage() for r in records if "observer" in r.getMessage()]
+    assert failed, "the observer's failures were not logged"
+    assert all(" failed in " in m for m in failed)
 
 
 # -- the Prometheus exporter, one process -----------------------------------------------------

@@ -37,4 +37,5 @@ def test_djangos_pool_option_is_refused_with_the_equivalent_settings(pool: objec
 
 def test_without_the_pool_option_the_wrapper_is_built() -> None:
     settings_dict = {**connections["default"].settings_dict, "OPTIONS": {}}
-    assert DatabaseWrapper(settings_dict, "plain").alias == "plain"
+    params = DatabaseWrapper(settings_dict, "plain").get_connection_params()
+    assert params["dbname"] == settings_dict["NAME"]

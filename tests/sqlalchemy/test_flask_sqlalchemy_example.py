@@ -128,6 +128,7 @@ def test_ledger(example: tuple[ModuleType, Any], admin: Any, app_name: str) -> N
     assert sorted(set(answered.values())) == [201, 500]
 
 
+@pytest.mark.cluster_only("runs the example on a throwaway cluster of its own")
 def test_one_command_run_with_embedded_cluster(tmp_path: Path) -> None:
     """``python examples/flask-sqlalchemy/app.py`` with DATABASE_URL unset starts a cluster."""
     port = free_port()
